@@ -1,0 +1,33 @@
+"""Batched training-fold augmentation (random rotation and contrast) as tensor ops on CPU or GPU."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def augment_batch(
+    x: torch.Tensor, gen: torch.Generator, rotation_deg: float, contrast: float, hflip: bool = False
+) -> torch.Tensor:
+    """x: (B, 1, H, W) float in [0, 1] -> same shape, each image rotated and contrast-scaled at random.
+
+    Random numbers come from `gen` (a CPU generator, so results do not depend on the device).
+    """
+    b = x.shape[0]
+    u = torch.rand(b, 3, generator=gen).to(x.device, x.dtype)
+    if rotation_deg > 0 or hflip:
+        angle = (u[:, 0] * 2 - 1) * math.radians(rotation_deg)
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        flip = torch.where(u[:, 2] < 0.5, -1.0, 1.0).to(x.dtype) if hflip else torch.ones_like(cos)
+        theta = torch.zeros(b, 2, 3, device=x.device, dtype=x.dtype)
+        theta[:, 0, 0], theta[:, 0, 1] = cos * flip, -sin
+        theta[:, 1, 0], theta[:, 1, 1] = sin * flip, cos
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    if contrast > 0:
+        factor = (1 - contrast + 2 * contrast * u[:, 1]).view(b, 1, 1, 1)
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        x = ((x - mean) * factor + mean).clamp_(0, 1)
+    return x

@@ -1,0 +1,314 @@
+"""One typed config for everything: YAML file + `key.sub=value` overrides -> a frozen, validated object.
+
+Unknown keys, wrong types and impossible values raise ConfigError with one line naming the
+file (or the override), the key and what was expected.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pqfn.errors import ConfigError
+
+CLASSES: tuple[str, ...] = ("A", "B", "C", "D")
+CLASS_NAMES = {
+    "A": "die-pad delamination",
+    "B": "bond-pad delamination",
+    "C": "die-pad and bond-pad delamination",
+    "D": "no delamination",
+}
+METALLIZATIONS: tuple[str, ...] = ("Ag", "NiPdAu", "Cu")
+
+ClassName = Literal["A", "B", "C", "D"]
+Metal = Literal["Ag", "NiPdAu", "Cu"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SynthConfig(_Strict):
+    """Synthetic CSAM data set (see pqfn/synth.py). Defaults mirror the reference study."""
+
+    packages: dict[Metal, int] = Field(default_factory=lambda: {"Ag": 50, "NiPdAu": 50, "Cu": 40})
+    max_cycles: int = Field(1000, ge=0)
+    cycle_step: int = Field(100, ge=1)
+    image_size: int = Field(400, ge=64, le=2048)  # pixels; 400 px ~ 8 mm at 20 um per pixel
+    difficulty: float = Field(1.0, gt=0, le=5)  # 1 = default; larger = noisier, fainter delamination
+    seed: int = 0
+
+    @field_validator("packages")
+    @classmethod
+    def _packages(cls, v: dict[str, int]) -> dict[str, int]:
+        if any(n < 0 for n in v.values()) or sum(v.values()) < 1:
+            raise ValueError("expected non-negative package counts with at least one package")
+        return v
+
+
+class DataConfig(_Strict):
+    source: Literal["synthetic", "manifest", "folders"] = "synthetic"
+    # synthetic: folder the data set is generated into on first use; manifest: the CSV file;
+    # folders: the root holding one sub-folder per class.
+    path: Path = Path("data/synthetic")
+    synthetic: SynthConfig = SynthConfig()
+    # Maps label values / class-folder names to the four classes; identity for A/B/C/D.
+    class_map: dict[str, ClassName] = Field(default_factory=dict)
+    # Regular expression applied to a file name (folders source) to extract the package id:
+    # the named group `package` if present, else group 1.
+    package_regex: str | None = None
+    test_manifest: Path | None = None  # a separate held-out manifest instead of test_fraction
+    test_fraction: float = Field(0.2, gt=0, lt=0.5)
+    split_seed: int = 0
+    decode_size: int = Field(400, ge=16, le=2048)  # every image is decoded once to this square size
+    strict: bool = False  # True: an unreadable image is an error instead of a warning
+    cache_dir: Path | None = None  # decoded-array cache; default ~/.cache/pqfn
+
+    @field_validator("package_regex")
+    @classmethod
+    def _regex(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as e:
+                raise ValueError(f"expected a valid regular expression ({e})") from None
+        return v
+
+
+class OptimizerConfig(_Strict):
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0, le=10)
+    weight_decay: float = Field(1e-4, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)  # sgd only
+
+
+class AugmentConfig(_Strict):
+    """Training-fold augmentation (the study's random rotation and contrast)."""
+
+    rotation_deg: float = Field(15.0, ge=0, le=180)  # uniform in [-rotation_deg, +rotation_deg]
+    contrast: float = Field(0.2, ge=0, lt=1)  # contrast factor uniform in [1 - c, 1 + c]
+    hflip: bool = False
+
+
+class TrialConfig(_Strict):
+    """Everything one cross-validated trial needs. The sweep varies keys of this block."""
+
+    model: str = "resnet18"  # any timm model name
+    pretrained: Path | None = None  # local weights file (.safetensors or torch); never downloaded
+    folds: int = Field(5, ge=2, le=20)
+    epochs: int = Field(10, ge=1)
+    data_size: int = Field(840, ge=4)  # images in the balanced CV pool, data_size / 4 per class
+    resolution: int = Field(100, ge=16, le=1024)
+    batch_size: int = Field(8, ge=2)
+    optimizer: OptimizerConfig = OptimizerConfig()
+    schedule: Literal["none", "cosine"] = "cosine"
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    augment: AugmentConfig = AugmentConfig()
+    max_copies: int = Field(3, ge=0)  # at most this many augmented copies of one original image
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = Field(0, ge=0)  # torch CPU threads; 0 = leave torch's default
+    bf16: bool = False  # bf16 autocast (CPU and CUDA)
+    channels_last: bool = False
+    eval_batch_size: int = Field(256, ge=1)
+
+    @field_validator("data_size")
+    @classmethod
+    def _balanced(cls, v: int) -> int:
+        if v % len(CLASSES):
+            raise ValueError(f"expected a multiple of {len(CLASSES)} (data_size / 4 images per class)")
+        return v
+
+
+class SpaceSpec(_Strict):
+    """One search axis: exactly one of choice, uniform, loguniform, randint (inclusive bounds)."""
+
+    choice: list[Any] | None = None
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+    randint: tuple[int, int] | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> SpaceSpec:
+        set_ = [k for k in ("choice", "uniform", "loguniform", "randint") if getattr(self, k) is not None]
+        if len(set_) != 1:
+            raise ValueError("expected exactly one of choice, uniform, loguniform, randint")
+        if self.choice is not None and not self.choice:
+            raise ValueError("expected a non-empty choice list")
+        for k in ("uniform", "loguniform", "randint"):
+            b = getattr(self, k)
+            if b is not None and not b[0] <= b[1]:
+                raise ValueError(f"expected {k} [low, high] with low <= high")
+        if self.loguniform is not None and self.loguniform[0] <= 0:
+            raise ValueError("expected loguniform bounds > 0")
+        return self
+
+
+class AshaConfig(_Strict):
+    enabled: bool = False
+    metric: str = "val/loss"  # a metric that does not reward underfitting
+    mode: Literal["min", "max"] = "min"
+    grace_period: int = Field(2, ge=1)
+    reduction_factor: float = Field(2.0, gt=1)
+
+
+class SearchConfig(_Strict):
+    type: Literal["optuna", "grid"] = "optuna"
+    # Keys are dotted paths into the trial block, e.g. "trial.resolution".
+    space: dict[str, SpaceSpec] = Field(default_factory=dict)
+    num_samples: int = Field(8, ge=1)  # optuna: trials; grid: repeats of the whole grid
+    max_concurrent: int = Field(2, ge=1)
+    seed: int = 0
+    sampler: Literal["tpe", "random", "nsga2"] = "tpe"
+    n_startup_trials: int = Field(4, ge=0)  # TPE random start-up trials (Optuna's default is 10)
+    objective: Literal["gap", "multi"] = "gap"  # multi: maximise val/acc and minimise gap (NSGA-II)
+    asha: AshaConfig = AshaConfig()
+    max_failures: int = Field(1, ge=0)  # retries of a failing trial from its checkpoint
+
+
+class SelectionConfig(_Strict):
+    """Least-overfitting configuration that still learns (design.md, 'Selection')."""
+
+    gap_metric: Literal["gap/acc", "gap/loss"] = "gap/acc"
+    tolerance: float | None = Field(0.05, ge=0, le=1)  # val/acc within this of the best trial's
+    floor: float | None = Field(0.4, ge=0, le=1)  # and at least this val/acc (chance is 0.25)
+
+
+class ResourcesConfig(_Strict):
+    cpus_per_trial: float = Field(1.0, gt=0)
+    gpus_per_trial: float | None = Field(None, ge=0)  # None: 0.25 when GPUs exist, else 0
+
+
+class WandbConfig(_Strict):
+    # auto: online when WANDB_API_KEY is set, else offline. The key is read from the environment only.
+    mode: Literal["auto", "offline", "online", "disabled"] = "auto"
+    project: str = "pqfn"
+    entity: str | None = None
+
+
+class EvaluateConfig(_Strict):
+    enabled: bool = True  # retrain the selection on the whole pool and test on held-out packages
+
+
+class Config(_Strict):
+    name: str = Field("sweep", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    output_dir: Path = Path("runs")
+    data: DataConfig = DataConfig()
+    trial: TrialConfig = TrialConfig()
+    search: SearchConfig = SearchConfig()
+    selection: SelectionConfig = SelectionConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    wandb: WandbConfig = WandbConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+
+    @field_validator("search")
+    @classmethod
+    def _space_keys(cls, v: SearchConfig) -> SearchConfig:
+        for key in v.space:
+            parts = key.split(".")
+            node: Any = TrialConfig
+            if parts[0] != "trial" or len(parts) < 2:
+                raise ValueError(f"space key {key!r}: expected a dotted path into the trial block, e.g. trial.resolution")
+            for p in parts[1:]:
+                fields = getattr(node, "model_fields", None)
+                if fields is None or p not in fields:
+                    raise ValueError(f"space key {key!r}: {p!r} is not a trial setting")
+                node = fields[p].annotation
+        return v
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """['trial.epochs=3', 'name=x'] -> {'trial.epochs': 3, 'name': 'x'} (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_./-]*", key):
+            raise ConfigError(f"override {pair!r}: expected key.sub=value")
+        try:
+            out[key] = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            out[key] = raw
+    return out
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    node = data
+    parts = key.split(".")
+    for p in parts[:-1]:
+        nxt = node.get(p)
+        if nxt is None:
+            nxt = node[p] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {key}: {p!r} is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def get_dotted(data: Any, key: str) -> Any:
+    for p in key.split("."):
+        data = data[p] if isinstance(data, dict) else getattr(data, p)
+    return data
+
+
+def _format_errors(err: ValidationError, source: str, overrides: dict[str, Any]) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"])
+        src = source
+        for k, v in overrides.items():
+            if loc == k or loc.startswith(k + "."):
+                src = f"override {k}={v}"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        got = "" if e["type"] in ("extra_forbidden", "missing") else f" (got {e.get('input')!r})"
+        parts.append(f"{src}: {loc or '<top>'}: {msg}{got}")
+    return "; ".join(parts)
+
+
+def validate(data: dict[str, Any], source: str, overrides: dict[str, Any] | None = None) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source, overrides or {})) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | dict[str, Any] | None = None) -> Config:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config ({e.strerror or e})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}:{where} is not valid YAML ({getattr(e, 'problem', e)})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(data).__name__}")
+    data.setdefault("name", path.stem)
+    ov = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
+    for k, v in ov.items():
+        set_dotted(data, k, v)
+    return validate(data, str(path), ov)
+
+
+def with_overrides(cfg: Config, overrides: dict[str, Any], source: str = "search space") -> Config:
+    """A new Config with dotted keys replaced (used by the sweep for each trial)."""
+    data = cfg.model_dump(mode="json")
+    for k, v in overrides.items():
+        set_dotted(data, k, v)
+    return validate(data, source, overrides)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,258 @@
+"""Load a CSAM data set once: a manifest CSV or class folders -> Dataset (uint8 (N, H, W) + metadata).
+
+Decoded arrays are cached (keyed by the files' paths, sizes and modification times and the
+decode size), so a second run does not decode again; a changed file invalidates the cache.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import re
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from pqfn.config import CLASSES, DataConfig
+from pqfn.errors import DataError
+
+IMAGE_SUFFIXES = {".png", ".bmp", ".tif", ".tiff", ".jpg", ".jpeg"}
+CACHE_VERSION = 1
+
+
+class SkippedImagesWarning(UserWarning):
+    pass
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Decoded images and their metadata; row i of every array describes image i."""
+
+    images: np.ndarray  # (N, H, W) uint8
+    labels: np.ndarray  # (N,) int64 index into CLASSES
+    package_ids: np.ndarray  # (N,) str; the image path when no package id is known
+    metallization: np.ndarray  # (N,) str, "" when unknown
+    cycles: np.ndarray  # (N,) int64, -1 when unknown
+    paths: np.ndarray  # (N,) str, as given in the manifest or relative to the root folder
+    is_test: np.ndarray  # (N,) bool: from a separate test manifest
+    has_package_ids: bool = True
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, idx: np.ndarray) -> Dataset:
+        return Dataset(
+            self.images[idx], self.labels[idx], self.package_ids[idx], self.metallization[idx],
+            self.cycles[idx], self.paths[idx], self.is_test[idx], self.has_package_ids,
+        )
+
+
+@dataclass(frozen=True)
+class _Row:
+    file: Path
+    path: str
+    label: int
+    package_id: str
+    metallization: str
+    cycles: int
+    is_test: bool
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "pqfn"
+
+
+def _label_index(value: str, cfg: DataConfig, where: str) -> int:
+    name = cfg.class_map.get(value, value)
+    if name not in CLASSES:
+        known = sorted(set(CLASSES) | set(cfg.class_map))
+        raise DataError(f"{where}: label {value!r} is not a class; expected one of {known} (map others with data.class_map)")
+    return CLASSES.index(name)
+
+
+def read_manifest(path: Path, cfg: DataConfig, is_test: bool = False) -> list[_Row]:
+    try:
+        f = path.open(newline="")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read manifest ({e.strerror or e})") from None
+    with f:
+        reader = csv.DictReader(f)
+        cols = set(reader.fieldnames or [])
+        missing = {"path", "label"} - cols
+        if missing:
+            raise DataError(f"{path}: manifest lacks column(s) {sorted(missing)}; expected path,label[,package_id,metallization,cycles]")
+        rows = []
+        for i, r in enumerate(reader, start=2):
+            where = f"{path} line {i}"
+            if not r.get("path"):
+                raise DataError(f"{where}: empty path")
+            cyc_raw = (r.get("cycles") or "").strip()
+            try:
+                cyc = int(float(cyc_raw)) if cyc_raw else -1
+            except ValueError:
+                raise DataError(f"{where}: cycles {cyc_raw!r} is not a number") from None
+            rel = r["path"].strip()
+            rows.append(_Row(
+                file=(path.parent / rel), path=rel, label=_label_index(r["label"].strip(), cfg, where),
+                package_id=(r.get("package_id") or "").strip(), metallization=(r.get("metallization") or "").strip(),
+                cycles=cyc, is_test=is_test,
+            ))
+    if not rows:
+        raise DataError(f"{path}: manifest has no rows")
+    return rows
+
+
+def read_folders(root: Path, cfg: DataConfig) -> list[_Row]:
+    if not root.is_dir():
+        raise DataError(f"{root}: data.path is not a folder (data.source: folders expects one sub-folder per class)")
+    rx = re.compile(cfg.package_regex) if cfg.package_regex else None
+    rows = []
+    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+        if sub.name not in CLASSES and sub.name not in cfg.class_map:
+            continue
+        label = _label_index(sub.name, cfg, str(sub))
+        for file in sorted(p for p in sub.rglob("*") if p.is_file()):
+            pkg = ""
+            if rx is not None:
+                m = rx.search(file.name)
+                if m:
+                    pkg = m.group("package") if "package" in rx.groupindex else m.group(1 if rx.groups else 0)
+            rows.append(_Row(file, str(file.relative_to(root)), label, pkg, "", -1, False))
+    if not rows:
+        raise DataError(f"{root}: no class folders found; expected sub-folders {list(CLASSES)} or names in data.class_map")
+    return rows
+
+
+def decode_image(file: Path, size: int) -> np.ndarray:
+    """One image file -> (size, size) uint8 grayscale. 16-bit images are scaled by 255/65535."""
+    with Image.open(file) as im:
+        im.load()
+        if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+            arr = np.asarray(im, dtype=np.float64)
+            hi = 65535.0 if im.mode != "I" or arr.max() > 255 else 255.0
+            im = Image.fromarray(np.clip(arr * (255.0 / hi), 0, 255).astype(np.uint8))
+        elif im.mode == "F":
+            arr = np.asarray(im, dtype=np.float64)
+            lo, hi = float(arr.min()), float(arr.max())
+            im = Image.fromarray(((arr - lo) / max(hi - lo, 1e-12) * 255).astype(np.uint8))
+        elif im.mode != "L":
+            im = im.convert("L")  # RGB false colour, palette, RGBA -> luminance
+        if im.size != (size, size):
+            im = im.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+        return np.asarray(im, dtype=np.uint8)
+
+
+def _cache_key(rows: list[_Row], cfg: DataConfig) -> str:
+    h = hashlib.sha256(f"v{CACHE_VERSION}|{cfg.decode_size}".encode())
+    for r in rows:
+        try:
+            st = r.file.stat()
+            h.update(f"{r.file.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{r.file}|missing\n".encode())
+    return h.hexdigest()[:20]
+
+
+def _decode_all(rows: list[_Row], cfg: DataConfig) -> tuple[np.ndarray, list[int], list[str]]:
+    out = np.empty((len(rows), cfg.decode_size, cfg.decode_size), np.uint8)
+    kept, bad = [], []
+    for i, r in enumerate(rows):
+        try:
+            out[len(kept)] = decode_image(r.file, cfg.decode_size)
+            kept.append(i)
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+            reason = "not found" if isinstance(e, FileNotFoundError) else type(e).__name__
+            bad.append(f"{r.file} ({reason})")
+    return out[: len(kept)], kept, bad
+
+
+def load_dataset(cfg: DataConfig, *, cache: bool = True, log: bool = True) -> Dataset:
+    """Read the configured source (generating the synthetic set on first use) and decode it once."""
+    if cfg.source == "synthetic":
+        rows = read_manifest(ensure_synthetic(cfg, log=log), cfg)
+    elif cfg.source == "manifest":
+        rows = read_manifest(cfg.path, cfg)
+    else:
+        rows = read_folders(cfg.path, cfg)
+    if cfg.test_manifest is not None:
+        rows += read_manifest(cfg.test_manifest, cfg, is_test=True)
+
+    cache_dir = cfg.cache_dir or default_cache_dir()
+    key = _cache_key(rows, cfg)
+    cache_file = cache_dir / f"decoded-{key}.npz"
+    images: np.ndarray | None = None
+    if cache and cache_file.exists():
+        try:
+            with np.load(cache_file) as z:
+                images, kept, bad = z["images"], list(z["kept"]), json.loads(str(z["bad"]))
+        except (OSError, ValueError, KeyError):
+            images = None  # a damaged cache is rebuilt, never trusted
+    if images is None:
+        if log:
+            print(f"pqfn: decoding {len(rows)} images to {cfg.decode_size} px ...", file=sys.stderr)
+        images, kept, bad = _decode_all(rows, cfg)
+        if cache:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_suffix(f".{os.getpid()}.tmp.npz")
+            np.savez(tmp, images=images, kept=np.array(kept, np.int64), bad=json.dumps(bad))
+            tmp.replace(cache_file)
+    if bad:
+        listing = ", ".join(bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+        if cfg.strict:
+            raise DataError(f"{len(bad)} unreadable image(s) (data.strict is true): {listing}")
+        warnings.warn(f"skipped {len(bad)} unreadable image(s): {listing}", SkippedImagesWarning, stacklevel=2)
+    if not kept:
+        raise DataError(f"{cfg.path}: no readable images")
+    rows = [rows[i] for i in kept]
+
+    has_ids = all(r.package_id for r in rows)
+    if not has_ids:
+        warnings.warn(
+            "some images have no package id: each such image is its own group, so scans of one package may "
+            "land in different folds (leakage). Add a package_id column to the manifest or set data.package_regex.",
+            stacklevel=2,
+        )
+    return Dataset(
+        images=images,
+        labels=np.array([r.label for r in rows], np.int64),
+        package_ids=np.array([r.package_id or f"image:{r.path}" for r in rows]),
+        metallization=np.array([r.metallization for r in rows]),
+        cycles=np.array([r.cycles for r in rows], np.int64),
+        paths=np.array([r.path for r in rows]),
+        is_test=np.array([r.is_test for r in rows], bool),
+        has_package_ids=has_ids,
+    )
+
+
+def ensure_synthetic(cfg: DataConfig, log: bool = True) -> Path:
+    """Generate the synthetic set into cfg.path unless a complete one with the same settings is there."""
+    from pqfn.synth import generate
+
+    manifest = cfg.path / "manifest.csv"
+    stamp = cfg.path / "synth.json"
+    want = cfg.synthetic.model_dump(mode="json")
+    if manifest.exists():
+        try:
+            have = json.loads(stamp.read_text())
+        except (OSError, ValueError):
+            have = None
+        if have == want:
+            return manifest
+        raise DataError(
+            f"{cfg.path}: holds a data set made with other settings than data.synthetic "
+            f"({stamp.name} differs); choose another data.path or delete the folder"
+        )
+    if log:
+        n = sum(cfg.synthetic.packages.values())
+        print(f"pqfn: generating synthetic CSAM data ({n} packages) into {cfg.path} ...", file=sys.stderr)
+    cfg.path.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps(want))  # before the images: the manifest, written last, marks completion
+    generate(cfg.synthetic, cfg.path)
+    return manifest

@@ -1,0 +1,115 @@
+"""Leakage-free splits: held-out test packages, the balanced data_size pool, grouped k folds.
+
+Everything is grouped by physical package: every scan of a package, and every augmented copy
+of a scan, lives in exactly one of {test, fold 1, ..., fold k}.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from sklearn.model_selection import StratifiedGroupKFold
+
+from pqfn.config import CLASSES
+from pqfn.data import Dataset
+from pqfn.errors import DataError
+
+
+@dataclass(frozen=True)
+class HoldOut:
+    pool: np.ndarray  # indices of images the search may use
+    test: np.ndarray  # indices of held-out test images (whole packages)
+
+
+@dataclass(frozen=True)
+class Fold:
+    train: np.ndarray  # pool entries for training: indices into the Dataset, repeated for augmented copies
+    train_eval: np.ndarray  # unique training images (for train/acc without augmentation)
+    val: np.ndarray  # unique validation images, never augmented
+
+
+def split_test(ds: Dataset, test_fraction: float, seed: int) -> HoldOut:
+    """Set whole packages aside for the final test, stratified by class, before any search."""
+    if ds.is_test.any():
+        test = np.flatnonzero(ds.is_test)
+        pool = np.flatnonzero(~ds.is_test)
+        both = set(ds.package_ids[test]) & set(ds.package_ids[pool])
+        if both:
+            raise DataError(f"data.test_manifest: package(s) {sorted(both)[:5]} also appear in the training data")
+        return HoldOut(pool, test)
+    n_splits = max(2, round(1 / test_fraction))
+    n_pkg = len(np.unique(ds.package_ids))
+    if n_pkg < n_splits:
+        raise DataError(
+            f"{n_pkg} package(s) are too few to hold out {test_fraction:.0%} of them (data.test_fraction); "
+            f"at least {n_splits} are needed"
+        )
+    sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    pool, test = next(sgkf.split(np.zeros(len(ds)), ds.labels, ds.package_ids))
+    return HoldOut(np.sort(pool), np.sort(test))
+
+
+def build_pool(ds: Dataset, candidates: np.ndarray, data_size: int, max_copies: int, seed: int) -> np.ndarray:
+    """The balanced cross-validation pool: data_size / 4 entries per class.
+
+    Originals are taken earliest thermal cycle first (random order within a cycle, or throughout
+    when cycles are unknown). A class with fewer originals is filled with augmented copies,
+    spread evenly over its originals, at most `max_copies` per original. Returns indices into ds;
+    a repeated index is an augmented copy (it is augmented afresh whenever it is drawn).
+    """
+    per_class = data_size // len(CLASSES)
+    rng = np.random.default_rng(seed)
+    entries = []
+    for c, name in enumerate(CLASSES):
+        idx = candidates[ds.labels[candidates] == c]
+        if len(idx) == 0:
+            raise DataError(f"class {name} has no images in the search pool; every class needs some")
+        order = np.lexsort((rng.random(len(idx)), ds.cycles[idx]))
+        idx = idx[order]
+        if len(idx) >= per_class:
+            entries.append(idx[:per_class])
+            continue
+        most = len(idx) * (1 + max_copies)
+        if per_class > most:
+            raise DataError(
+                f"trial.data_size={data_size} needs {per_class} images of class {name}, but the search pool has "
+                f"{len(idx)}: at most {most} with trial.max_copies={max_copies} augmented copies each; "
+                f"lower data_size or raise max_copies"
+            )
+        reps = np.full(len(idx), per_class // len(idx))
+        reps[: per_class % len(idx)] += 1
+        entries.append(np.repeat(idx, reps))
+    return np.concatenate(entries)
+
+
+def make_folds(ds: Dataset, entries: np.ndarray, k: int, seed: int) -> list[Fold]:
+    """Stratified group k-fold over the pool entries, grouped by package (copies follow their original)."""
+    groups = ds.package_ids[entries]
+    n_pkg = len(np.unique(groups))
+    if n_pkg < k:
+        raise DataError(f"the search pool has {n_pkg} package(s), fewer than trial.folds={k}; lower folds or add data")
+    sgkf = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    folds = []
+    for tr, va in sgkf.split(np.zeros(len(entries)), ds.labels[entries], groups):
+        folds.append(Fold(train=entries[tr], train_eval=np.unique(entries[tr]), val=np.unique(entries[va])))
+    return folds
+
+
+def write_folds_csv(path: Path, ds: Dataset, holdout: HoldOut, entries: np.ndarray, folds: list[Fold]) -> None:
+    """One row per image: its package, label and where it went (fold number, test or unused)."""
+    where = np.full(len(ds), "unused", dtype=object)
+    where[holdout.test] = "test"
+    for i, f in enumerate(folds, start=1):
+        where[f.val] = str(i)
+    copies = np.bincount(entries, minlength=len(ds))
+    tmp = path.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "package_id", "label", "metallization", "cycles", "fold", "pool_entries"])
+        for i in range(len(ds)):
+            w.writerow([ds.paths[i], ds.package_ids[i], CLASSES[ds.labels[i]], ds.metallization[i],
+                        ds.cycles[i], where[i], copies[i]])
+    tmp.replace(path)

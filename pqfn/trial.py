@@ -1,0 +1,248 @@
+"""The cross-validated trial: a plain function (no Ray) from a trial config and a decoded data set
+to per-epoch records in the metric vocabulary of pqfn.metrics.
+
+All K fold models train side by side, one epoch at a time, so every epoch yields one record
+(per-fold metrics, mean and std) that a caller receives as it happens, and the whole trial state
+(all folds' models, optimizers, schedules and random generators) can be checkpointed and
+restored at an epoch boundary.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import balanced_accuracy_score
+
+from pqfn.augment import augment_batch
+from pqfn.config import TrialConfig
+from pqfn.data import Dataset
+from pqfn.errors import TrialError
+from pqfn.metrics import aggregate, with_gaps
+from pqfn.model import build_model, check_model_name
+from pqfn.splits import Fold, build_pool, make_folds
+
+EpochCallback = Callable[[dict[str, float], "CrossValidation"], None]
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TrialError("trial.device: cuda was asked for but no CUDA GPU is available")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class TrialImages:
+    """The images one trial needs, resized ONCE to the trial's resolution and held on the device."""
+
+    def __init__(self, ds: Dataset, needed: np.ndarray, resolution: int, device: torch.device):
+        needed = np.unique(needed)
+        self.row = np.full(len(ds), -1, np.int64)  # dataset index -> row in self.images
+        self.row[needed] = np.arange(len(needed))
+        chunks = []
+        for s in range(0, len(needed), 256):
+            x = torch.from_numpy(ds.images[needed[s : s + 256]]).to(device).unsqueeze(1).float()
+            if x.shape[-1] != resolution or x.shape[-2] != resolution:
+                x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
+            chunks.append(x.round_().clamp_(0, 255).to(torch.uint8))
+        self.images = torch.cat(chunks)  # (M, 1, r, r) uint8
+        self.labels = torch.from_numpy(ds.labels[needed]).to(device)  # (M,) int64
+
+    def rows(self, idx: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(self.row[idx]).to(self.images.device)
+
+
+def _to_input(x_uint8: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    x = x_uint8.float().div_(255.0)  # (B, 1, r, r) in [0, 1]
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+class Learner:
+    """One model with its optimizer, schedule and random generator, trained on a set of rows."""
+
+    def __init__(self, cfg: TrialConfig, data: TrialImages, train_rows: torch.Tensor, seed: int, device: torch.device):
+        self.cfg, self.data, self.train_rows, self.device = cfg, data, train_rows, device
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.model = build_model(cfg.model, cfg.pretrained).to(device)
+        if cfg.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        o = cfg.optimizer
+        params = self.model.parameters()
+        if o.name == "sgd":
+            self.opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        elif o.name == "adam":
+            self.opt = torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
+        else:
+            self.opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+        self.sched = (
+            torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=cfg.epochs)
+            if cfg.schedule == "cosine" else None
+        )
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def _autocast(self) -> Any:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16)
+
+    def train_epoch(self) -> torch.Tensor:
+        """One pass over the training rows in random order; returns the mean loss (a device tensor)."""
+        cfg = self.cfg
+        self.model.train()
+        n = len(self.train_rows)
+        perm = self.train_rows[torch.randperm(n, generator=self.gen).to(self.train_rows.device)]
+        total = torch.zeros((), device=self.device)
+        steps = 0
+        for s in range(0, n, cfg.batch_size):
+            rows = perm[s : s + cfg.batch_size]
+            if len(rows) < 2:
+                break  # BatchNorm cannot train on a batch of one
+            x = _to_input(self.data.images[rows], cfg.channels_last)
+            a = cfg.augment
+            x = augment_batch(x, self.gen, a.rotation_deg, a.contrast, a.hflip)
+            x = (x - 0.5) / 0.25
+            with self._autocast():
+                logits = self.model(x)
+                loss = F.cross_entropy(logits.float(), self.data.labels[rows], label_smoothing=cfg.label_smoothing)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            total += loss.detach()  # no host synchronisation per step
+            steps += 1
+        if self.sched is not None:
+            self.sched.step()
+        return total / max(steps, 1)
+
+    @torch.no_grad()
+    def predict(self, rows: torch.Tensor) -> torch.Tensor:
+        """Logits (len(rows), num_classes) float32, in eval mode, without augmentation."""
+        self.model.eval()
+        out = []
+        for s in range(0, len(rows), self.cfg.eval_batch_size):
+            x = (_to_input(self.data.images[rows[s : s + self.cfg.eval_batch_size]], self.cfg.channels_last) - 0.5) / 0.25
+            with self._autocast():
+                out.append(self.model(x).float())
+        return torch.cat(out)
+
+    def measure(self, rows: torch.Tensor, prefix: str) -> dict[str, float]:
+        logits = self.predict(rows)
+        y = self.data.labels[rows]
+        pred = logits.argmax(1)
+        loss = F.cross_entropy(logits, y).item()
+        m = {f"{prefix}/acc": (pred == y).float().mean().item(), f"{prefix}/loss": loss}
+        if prefix == "val":
+            m["val/bal_acc"] = float(balanced_accuracy_score(y.cpu().numpy(), pred.cpu().numpy()))
+        return m
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict() if self.sched else None,
+            "generator": self.gen.get_state(),
+        }
+
+    def load_state_dict(self, st: dict[str, Any]) -> None:
+        self.model.load_state_dict(st["model"])
+        self.opt.load_state_dict(st["optimizer"])
+        if self.sched is not None and st["scheduler"] is not None:
+            self.sched.load_state_dict(st["scheduler"])
+        self.gen.set_state(st["generator"])
+
+
+@dataclass
+class CVResult:
+    records: list[dict[str, float]]
+    folds: list[Fold]
+    entries: np.ndarray  # the balanced pool (indices into the Dataset; repeats are augmented copies)
+    final: dict[str, float] = field(default_factory=dict)
+
+
+def check_trial(cfg: TrialConfig, folds: list[Fold]) -> None:
+    smallest = min(len(f.train) for f in folds)
+    if cfg.batch_size > smallest:
+        raise TrialError(
+            f"trial.batch_size={cfg.batch_size} is larger than the smallest training fold ({smallest} images); "
+            "lower batch_size or raise data_size"
+        )
+
+
+class CrossValidation:
+    """K fold models trained one epoch at a time. Use cross_validate() unless you need the steps."""
+
+    def __init__(self, cfg: TrialConfig, ds: Dataset, pool: np.ndarray, device: torch.device | None = None):
+        check_model_name(cfg.model)
+        self.cfg = cfg
+        self.device = device or pick_device(cfg.device)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.entries = build_pool(ds, pool, cfg.data_size, cfg.max_copies, cfg.seed)
+        self.folds = make_folds(ds, self.entries, cfg.folds, cfg.seed)
+        check_trial(cfg, self.folds)
+        self.data = TrialImages(ds, self.entries, cfg.resolution, self.device)
+        self.learners = [
+            Learner(cfg, self.data, self.data.rows(f.train), cfg.seed * 1000 + k, self.device)
+            for k, f in enumerate(self.folds, start=1)
+        ]
+        self._eval_rows = [(self.data.rows(f.train_eval), self.data.rows(f.val)) for f in self.folds]
+        self.epoch = 0
+        self.history: list[dict[str, float]] = []
+
+    def run_epoch(self) -> dict[str, float]:
+        t0 = time.perf_counter()
+        per_fold = []
+        for k, (learner, (tr_rows, va_rows)) in enumerate(zip(self.learners, self._eval_rows, strict=True), start=1):
+            train_loss = learner.train_epoch().item()
+            if not np.isfinite(train_loss):
+                raise TrialError(
+                    f"fold {k} epoch {self.epoch + 1}: training loss is {train_loss}; trial stopped "
+                    f"(lower trial.optimizer.lr={self.cfg.optimizer.lr} or disable trial.bf16)"
+                )
+            m = learner.measure(tr_rows, "train") | learner.measure(va_rows, "val")
+            per_fold.append(with_gaps(m))
+        self.epoch += 1
+        rec = {"epoch": float(self.epoch)} | aggregate(per_fold)
+        rec["time/epoch_s"] = time.perf_counter() - t0
+        self.history.append(rec)
+        return rec
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "history": self.history,
+            "config": self.cfg.model_dump(mode="json"),
+            "learners": [ln.state_dict() for ln in self.learners],
+        }
+
+    def load_state_dict(self, st: dict[str, Any]) -> None:
+        if st.get("config") != self.cfg.model_dump(mode="json"):
+            raise TrialError("checkpoint: it was written by a trial with another configuration; cannot resume from it")
+        for ln, s in zip(self.learners, st["learners"], strict=True):
+            ln.load_state_dict(s)
+        self.epoch = int(st["epoch"])
+        self.history = list(st["history"])
+
+
+def cross_validate(
+    cfg: TrialConfig,
+    ds: Dataset,
+    pool: np.ndarray,
+    *,
+    on_epoch: EpochCallback | None = None,
+    resume: dict[str, Any] | None = None,
+    device: torch.device | None = None,
+) -> CVResult:
+    """Run (or resume) a K-fold trial to cfg.epochs; on_epoch(record, cv) gets every epoch's record."""
+    cv = CrossValidation(cfg, ds, pool, device)
+    if resume is not None:
+        cv.load_state_dict(resume)
+    while cv.epoch < cfg.epochs:
+        rec = cv.run_epoch()
+        if on_epoch is not None:
+            on_epoch(rec, cv)
+    return CVResult(cv.history, cv.folds, cv.entries, cv.history[-1] if cv.history else {})
