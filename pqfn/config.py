@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -26,6 +26,9 @@ METALLIZATIONS: tuple[str, ...] = ("Ag", "NiPdAu", "Cu")
 
 ClassName = Literal["A", "B", "C", "D"]
 Metal = Literal["Ag", "NiPdAu", "Cu"]
+
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class _Strict(BaseModel):
@@ -160,6 +163,9 @@ class SearchConfig(_Strict):
     type: Literal["optuna", "grid"] = "optuna"
     # Keys are dotted paths into the trial block, e.g. "trial.resolution".
     space: dict[str, SpaceSpec] = Field(default_factory=dict)
+    # grid only: one-axis-at-a-time designs. Each entry varies ONE key over its values while every
+    # other key keeps the trial block's value; the grid is the union of the axes (the study's design).
+    axes: list[dict[str, list[Any]]] = Field(default_factory=list)
     num_samples: int = Field(8, ge=1)  # optuna: trials; grid: repeats of the whole grid
     max_concurrent: int = Field(2, ge=1)
     seed: int = 0
@@ -208,7 +214,14 @@ class Config(_Strict):
     @field_validator("search")
     @classmethod
     def _space_keys(cls, v: SearchConfig) -> SearchConfig:
-        for key in v.space:
+        if v.axes and v.type != "grid":
+            raise ValueError("axes: expected search.type grid (axes define a one-axis-at-a-time grid)")
+        if v.axes and v.space:
+            raise ValueError("expected either space or axes, not both")
+        for axis in v.axes:
+            if len(axis) != 1 or not all(isinstance(vals, list) and vals for vals in axis.values()):
+                raise ValueError(f"axes entry {axis!r}: expected one key with a non-empty list of values")
+        for key in [*v.space, *(k for axis in v.axes for k in axis)]:
             parts = key.split(".")
             node: Any = TrialConfig
             if parts[0] != "trial" or len(parts) < 2:
@@ -272,19 +285,24 @@ def _format_errors(err: ValidationError, source: str, overrides: dict[str, Any])
     return "; ".join(parts)
 
 
-def validate(data: dict[str, Any], source: str, overrides: dict[str, Any] | None = None) -> Config:
+def validate_as(model: type[M], data: Any, source: str, overrides: dict[str, Any] | None = None) -> M:
+    """Validate data as `model`; errors become one ConfigError line naming source and key."""
     try:
-        return Config.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format_errors(e, source, overrides or {})) from None
 
 
-def load_config(path: str | Path, overrides: list[str] | dict[str, Any] | None = None) -> Config:
-    path = Path(path)
+def validate(data: dict[str, Any], source: str, overrides: dict[str, Any] | None = None) -> Config:
+    return validate_as(Config, data, source, overrides)
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """A YAML file holding a mapping; unreadable or malformed files give one clear ConfigError."""
     try:
         text = path.read_text()
     except OSError as e:
-        raise ConfigError(f"{path}: cannot read config ({e.strerror or e})") from None
+        raise ConfigError(f"{path}: cannot read file ({e.strerror or e})") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -295,6 +313,12 @@ def load_config(path: str | Path, overrides: list[str] | dict[str, Any] | None =
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] | dict[str, Any] | None = None) -> Config:
+    path = Path(path)
+    data = read_yaml(path)
     data.setdefault("name", path.stem)
     ov = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
     for k, v in ov.items():

@@ -63,6 +63,18 @@ def _to_input(x_uint8: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
+@torch.no_grad()
+def predict_logits(cfg: TrialConfig, model: torch.nn.Module, images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """images (N, 1, r, r) uint8 -> logits (N, num_classes) float32, eval mode, never augmented."""
+    model.eval()
+    out = []
+    for s in range(0, len(images), cfg.eval_batch_size):
+        x = (_to_input(images[s : s + cfg.eval_batch_size].to(device), cfg.channels_last) - 0.5) / 0.25
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            out.append(model(x).float())
+    return torch.cat(out)
+
+
 class Learner:
     """One model with its optimizer, schedule and random generator, trained on a set of rows."""
 
@@ -118,16 +130,8 @@ class Learner:
             self.sched.step()
         return total / max(steps, 1)
 
-    @torch.no_grad()
     def predict(self, rows: torch.Tensor) -> torch.Tensor:
-        """Logits (len(rows), num_classes) float32, in eval mode, without augmentation."""
-        self.model.eval()
-        out = []
-        for s in range(0, len(rows), self.cfg.eval_batch_size):
-            x = (_to_input(self.data.images[rows[s : s + self.cfg.eval_batch_size]], self.cfg.channels_last) - 0.5) / 0.25
-            with self._autocast():
-                out.append(self.model(x).float())
-        return torch.cat(out)
+        return predict_logits(self.cfg, self.model, self.data.images[rows], self.device)
 
     def measure(self, rows: torch.Tensor, prefix: str) -> dict[str, float]:
         logits = self.predict(rows)
@@ -204,6 +208,12 @@ class CrossValidation:
                     f"(lower trial.optimizer.lr={self.cfg.optimizer.lr} or disable trial.bf16)"
                 )
             m = learner.measure(tr_rows, "train") | learner.measure(va_rows, "val")
+            bad = [k for k, v in m.items() if not np.isfinite(v)]
+            if bad:
+                raise TrialError(
+                    f"fold {k} epoch {self.epoch + 1}: {bad[0]} is {m[bad[0]]}; trial stopped "
+                    f"(the model diverged: lower trial.optimizer.lr={self.cfg.optimizer.lr})"
+                )
             per_fold.append(with_gaps(m))
         self.epoch += 1
         rec = {"epoch": float(self.epoch)} | aggregate(per_fold)

@@ -1,0 +1,251 @@
+"""The `pqfn` command: synth, trial, evaluate, sweep, report, dfi, bench, submit."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from pqfn.errors import PqfnError
+
+
+def _warning_line(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+    print(f"pqfn: warning: {message}", file=sys.stderr)
+
+
+def prepare_out_dir(out: Path, *, resume: bool, overwrite: bool, what: str) -> None:
+    """Refuse to touch an existing results folder unless --resume or --overwrite says so."""
+    if out.exists() and any(out.iterdir()):
+        if overwrite:
+            shutil.rmtree(out)
+        elif not resume:
+            raise PqfnError(f"{out}: {what} folder already exists; pass --resume to continue it or --overwrite to replace it")
+    elif resume:
+        raise PqfnError(f"{out}: nothing to resume (the folder does not exist or is empty)")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+# ---------------------------------------------------------------- synth
+def cmd_synth(a: argparse.Namespace) -> int:
+    from pqfn.config import SynthConfig, validate
+    from pqfn.synth import class_counts, contact_sheet, generate
+
+    out = Path(a.out_dir)
+    if (out / "manifest.csv").exists() and not a.overwrite:
+        raise PqfnError(f"{out}: already holds a data set (manifest.csv); pass --overwrite to replace it")
+    data = {"packages": {"Ag": a.ag, "NiPdAu": a.nipdau, "Cu": a.cu}, "max_cycles": a.max_cycles,
+            "cycle_step": a.cycle_step, "image_size": a.image_size, "difficulty": a.difficulty, "seed": a.seed}
+    cfg = validate({"data": {"synthetic": data}}, "command line").data.synthetic
+    assert isinstance(cfg, SynthConfig)
+    if a.overwrite and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    records = generate(cfg, out, workers=a.workers)
+    dt = time.perf_counter() - t0
+    (out / "synth.json").write_text(json.dumps(cfg.model_dump(mode="json")))
+    counts = class_counts(records)
+    print(f"wrote {len(records)} scans of {sum(cfg.packages.values())} packages to {out} in {dt:.1f} s")
+    print("class counts: " + ", ".join(f"{c}={n}" for c, n in counts.items()))
+    print(f"manifest: {out / 'manifest.csv'}")
+    if a.preview:
+        contact_sheet(records, out, out / "preview.png")
+        print(f"preview: {out / 'preview.png'}")
+    return 0
+
+
+# ---------------------------------------------------------------- trial
+def _load(a: argparse.Namespace) -> Any:
+    from pqfn.config import load_config
+
+    return load_config(a.config, a.overrides)
+
+
+def _data(cfg: Any) -> tuple[Any, Any]:
+    from pqfn.data import load_dataset
+    from pqfn.splits import split_test
+
+    ds = load_dataset(cfg.data)
+    return ds, split_test(ds, cfg.data.test_fraction, cfg.data.split_seed)
+
+
+def cmd_trial(a: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from pqfn.config import dump_config
+    from pqfn.report import atomic_write, plot_curves, write_metrics_csv
+    from pqfn.splits import write_folds_csv
+    from pqfn.trial import CrossValidation
+
+    cfg = _load(a)
+    tc = cfg.trial
+    out = Path(a.out or cfg.output_dir / f"{cfg.name}-trial")
+    prepare_out_dir(out, resume=a.resume, overwrite=a.overwrite, what="trial results")
+    ds, holdout = _data(cfg)
+    cv = CrossValidation(tc, ds, holdout.pool)
+    ckpt = out / "checkpoint.pt"
+    if a.resume:
+        if not ckpt.exists():
+            raise PqfnError(f"{ckpt}: no checkpoint to resume from")
+        cv.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=False))
+        print(f"resuming {out} after epoch {cv.epoch}")
+    atomic_write(out / "config.yaml", dump_config(cfg))
+    write_folds_csv(out / "folds.csv", ds, holdout, cv.entries, cv.folds)
+    print(f"trial {cfg.name}: {tc.model}, {tc.folds} folds x {tc.epochs} epochs, data_size {tc.data_size}, "
+          f"{tc.resolution} px, batch {tc.batch_size}, on {cv.device}")
+    cols = ["train/acc", "val/acc", "gap/acc", "train/loss", "val/loss", "gap/loss", "val/bal_acc"]
+    head = f"{'epoch':>5} " + " ".join(f"{c:>10}" for c in cols) + f" {'sec':>6}"
+    bar = tqdm(total=tc.epochs, initial=cv.epoch, desc="epochs", unit="ep", file=sys.stderr, leave=False)
+    tqdm.write(head)
+    for rec in cv.history:
+        tqdm.write(f"{int(rec['epoch']):>5} " + " ".join(f"{rec[c]:>10.4f}" for c in cols) + f" {rec['time/epoch_s']:>6.1f}")
+    while cv.epoch < tc.epochs:
+        rec = cv.run_epoch()
+        tmp = ckpt.with_name("checkpoint.pt.tmp")
+        torch.save(cv.state_dict(), tmp)
+        tmp.replace(ckpt)
+        write_metrics_csv(out / "metrics.csv", cv.history, tc.folds)
+        tqdm.write(f"{int(rec['epoch']):>5} " + " ".join(f"{rec[c]:>10.4f}" for c in cols) + f" {rec['time/epoch_s']:>6.1f}")
+        bar.update(1)
+    bar.close()
+    write_metrics_csv(out / "metrics.csv", cv.history, tc.folds)
+    plot_curves(out / "curves.png", cv.history, f"{cfg.name}: {tc.resolution} px, batch {tc.batch_size}, data_size {tc.data_size}")
+    final = cv.history[-1]
+    atomic_write(out / "final.json", json.dumps(final, indent=2))
+    print(f"final (mean of {tc.folds} folds): val/acc {final['val/acc']:.3f} +- {final['val/acc_std']:.3f}, "
+          f"gap/acc {final['gap/acc']:+.3f}, gap/loss {final['gap/loss']:+.3f}")
+    print(f"results: {out} (metrics.csv, folds.csv, curves.png, checkpoint.pt)")
+    return 0
+
+
+# ---------------------------------------------------------------- evaluate
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    from pqfn.config import dump_config
+    from pqfn.evaluate import evaluate_holdout
+    from pqfn.report import atomic_write
+
+    cfg = _load(a)
+    out = Path(a.out or cfg.output_dir / f"{cfg.name}-eval")
+    prepare_out_dir(out, resume=False, overwrite=a.overwrite, what="evaluation")
+    ds, holdout = _data(cfg)
+    atomic_write(out / "config.yaml", dump_config(cfg))
+    m = evaluate_holdout(cfg.trial, ds, holdout, out, model_path=Path(a.model) if a.model else None)
+    print_evaluation(m)
+    print(f"results: {out} (evaluation.json, confusion.png, predictions.csv)")
+    return 0
+
+
+def print_evaluation(m: dict[str, Any]) -> None:
+    print(f"held-out test: {m['n_test_images']} images of {m['n_test_packages']} packages, accuracy {m['accuracy']:.3f}, "
+          f"macro precision {m['macro_precision']:.3f}, macro recall {m['macro_recall']:.3f}")
+    print(f"{'class':>6} {'precision':>10} {'recall':>8} {'f1':>6} {'n':>5}")
+    for c, v in m["per_class"].items():
+        print(f"{c:>6} {v['precision']:>10.3f} {v['recall']:>8.3f} {v['f1']:>6.3f} {v['support']:>5}")
+
+
+# ---------------------------------------------------------------- sweep (Ray lives in tune_jobs/)
+def cmd_sweep(a: argparse.Namespace) -> int:
+    from tune_jobs.sweep import main as sweep_main
+
+    argv = [a.config, *a.overrides]
+    if a.address:
+        argv += ["--address", a.address]
+    if a.resume:
+        argv.append("--resume")
+    if a.overwrite:
+        argv.append("--overwrite")
+    return sweep_main(argv)
+
+
+def cmd_report(a: argparse.Namespace) -> int:
+    from tune_jobs.report import regenerate
+
+    regenerate(Path(a.run_dir))
+    return 0
+
+
+def cmd_dfi(a: argparse.Namespace) -> int:
+    from pqfn.dfi import format_table, load_design, load_thresholds, plot_scores, score
+
+    th = load_thresholds(Path(a.thresholds))
+    design = load_design(Path(a.design))
+    result = score(th, design)
+    print(json.dumps(result.as_dict(), indent=2) if a.format == "json" else format_table(result))
+    if a.plot:
+        plot_scores(result, Path(a.plot))
+        print(f"plot: {a.plot}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pqfn", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("synth", help="generate a synthetic CSAM data set (images + manifest.csv)")
+    s.add_argument("out_dir")
+    s.add_argument("--ag", type=int, default=50, help="Ag-metallized packages (default 50)")
+    s.add_argument("--nipdau", type=int, default=50, help="NiPdAu-metallized packages (default 50)")
+    s.add_argument("--cu", type=int, default=40, help="bare Cu packages (default 40)")
+    s.add_argument("--max-cycles", type=int, default=1000)
+    s.add_argument("--cycle-step", type=int, default=100, help="a scan every N thermal cycles")
+    s.add_argument("--image-size", type=int, default=400, help="pixels (400 ~ 20 um per pixel)")
+    s.add_argument("--difficulty", type=float, default=1.0, help="1 = default; larger = noisier, fainter")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    s.add_argument("--preview", action="store_true", help="also write preview.png with examples of each class")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=cmd_synth)
+
+    for name, func, hlp in [
+        ("trial", cmd_trial, "run one cross-validated trial locally"),
+        ("evaluate", cmd_evaluate, "train on the search pool and evaluate on held-out packages"),
+        ("sweep", cmd_sweep, "run a sweep on Ray Tune (embedded local Ray by default)"),
+    ]:
+        t = sub.add_parser(name, help=hlp)
+        t.add_argument("config", help="YAML config, e.g. configs/quickstart.yaml")
+        t.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. trial.epochs=3")
+        t.add_argument("--overwrite", action="store_true", help="replace an existing results folder")
+        if name in ("trial", "evaluate"):
+            t.add_argument("--out", help="results folder (default: <output_dir>/<name>-%s)" % ("trial" if name == "trial" else "eval"))
+        if name in ("trial", "sweep"):
+            t.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
+        if name == "evaluate":
+            t.add_argument("--model", help="a trained model.safetensors instead of retraining")
+        if name == "sweep":
+            t.add_argument("--address", help="a running Ray cluster (default: start a private local one)")
+        t.set_defaults(func=func)
+
+    r = sub.add_parser("report", help="regenerate a sweep's tables and plots from its results folder")
+    r.add_argument("run_dir")
+    r.set_defaults(func=cmd_report)
+
+    d = sub.add_parser("dfi", help="CMx-ray design-for-inspection score of a package design")
+    d.add_argument("thresholds")
+    d.add_argument("design")
+    d.add_argument("--format", choices=["table", "json"], default="table")
+    d.add_argument("--plot", help="write C_n against the ratio with the design's parameters marked")
+    d.set_defaults(func=cmd_dfi)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.showwarning = _warning_line
+    try:
+        return int(args.func(args) or 0)
+    except PqfnError as e:
+        print(f"pqfn: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pqfn: interrupted; results written so far are kept (use --resume to continue)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

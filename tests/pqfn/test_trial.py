@@ -1,0 +1,153 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from pqfn.cli import main
+from pqfn.config import ConfigError, TrialConfig, validate
+from pqfn.data import Dataset
+from pqfn.errors import TrialError
+from pqfn.metrics import FOLD_METRICS
+from pqfn.model import build_model
+from pqfn.splits import split_test
+from pqfn.trial import CrossValidation, cross_validate
+
+TINY = dict(resolution=32, folds=2, epochs=2, data_size=40, batch_size=8, max_copies=10, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def pool(tiny_ds: Dataset) -> np.ndarray:
+    return split_test(tiny_ds, 0.2, seed=0).pool
+
+
+def test_tiny_trial_records(tiny_ds: Dataset, pool: np.ndarray) -> None:
+    seen = []
+    res = cross_validate(TrialConfig(**TINY), tiny_ds, pool, on_epoch=lambda rec, cv: seen.append(rec["epoch"]))
+    assert seen == [1.0, 2.0] and len(res.records) == 2
+    rec = res.records[-1]
+    for m in FOLD_METRICS:
+        assert f"fold1/{m}" in rec and f"fold2/{m}" in rec and m in rec and f"{m}_std" in rec
+        assert np.isfinite(rec[m])
+    assert rec["gap/acc"] == pytest.approx(rec["train/acc"] - rec["val/acc"], abs=1e-12)
+    assert rec["gap/loss"] == pytest.approx(rec["val/loss"] - rec["train/loss"], abs=1e-12)
+    for k in (1, 2):
+        assert rec[f"fold{k}/gap/acc"] == pytest.approx(rec[f"fold{k}/train/acc"] - rec[f"fold{k}/val/acc"])
+    assert rec["val/acc"] == pytest.approx(np.mean([rec["fold1/val/acc"], rec["fold2/val/acc"]]))
+    pk = [set(tiny_ds.package_ids[f.val]) for f in res.folds]
+    assert not pk[0] & pk[1]
+
+
+def test_resume_from_checkpoint_matches_uninterrupted(tiny_ds: Dataset, pool: np.ndarray, tmp_path: Path) -> None:
+    cfg = TrialConfig(**TINY)
+    straight = cross_validate(cfg, tiny_ds, pool).records
+
+    cv = CrossValidation(cfg, tiny_ds, pool)
+    cv.run_epoch()
+    torch.save(cv.state_dict(), tmp_path / "ckpt.pt")  # interrupted after epoch 1
+    del cv
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    resumed = cross_validate(cfg, tiny_ds, pool, resume=state).records
+    assert len(resumed) == 2
+    for a, b in zip(straight, resumed, strict=True):
+        assert {k: v for k, v in a.items() if not k.startswith("time/")} == {k: v for k, v in b.items() if not k.startswith("time/")}
+
+
+def test_resume_refuses_other_config(tiny_ds: Dataset, pool: np.ndarray) -> None:
+    cv = CrossValidation(TrialConfig(**TINY), tiny_ds, pool)
+    state = cv.state_dict()
+    with pytest.raises(TrialError, match="another configuration"):
+        cross_validate(TrialConfig(**(TINY | {"seed": 5})), tiny_ds, pool, resume=state)
+
+
+def test_bf16_and_channels_last_run_on_cpu(tiny_ds: Dataset, pool: np.ndarray) -> None:
+    res = cross_validate(TrialConfig(**(TINY | {"epochs": 1, "bf16": True, "channels_last": True})), tiny_ds, pool)
+    assert np.isfinite(res.records[-1]["val/loss"])
+
+
+def test_bad_inputs(tiny_ds: Dataset, pool: np.ndarray) -> None:
+    with pytest.raises(TrialError, match="'resnet_nope' is not a timm model"):
+        CrossValidation(TrialConfig(**(TINY | {"model": "resnet_nope"})), tiny_ds, pool)
+    with pytest.raises(TrialError, match="batch_size=64 is larger than the smallest training fold"):
+        CrossValidation(TrialConfig(**(TINY | {"batch_size": 64})), tiny_ds, pool)
+    with pytest.raises(ConfigError, match="trial.resolution"):
+        validate({"trial": {"resolution": 15}}, "t.yaml")
+    with pytest.raises(ConfigError, match="trial.folds"):
+        validate({"trial": {"folds": 1}}, "t.yaml")
+
+
+def test_nan_loss_stops_the_trial(tiny_ds: Dataset, pool: np.ndarray) -> None:
+    cfg = TrialConfig(**(TINY | {"epochs": 3, "optimizer": {"name": "sgd", "lr": 10.0, "momentum": 0.99}, "schedule": "none"}))
+    seen: list[float] = []
+    with pytest.raises(TrialError, match=r"(loss|acc) is (nan|inf); trial stopped"):
+        cross_validate(cfg, tiny_ds, pool, on_epoch=lambda rec, cv: seen.append(rec["epoch"]))
+    assert len(seen) < 3
+
+
+def test_pretrained_weights_from_local_files(tmp_path: Path) -> None:
+    src = timm.create_model("resnet18", num_classes=1000, in_chans=3)  # an "ImageNet-shaped" file
+    sd = src.state_dict()
+    save_file(sd, str(tmp_path / "w.safetensors"))
+    torch.save({"state_dict": sd}, tmp_path / "w.pt")
+    for f in ("w.safetensors", "w.pt"):
+        m = build_model("resnet18", tmp_path / f)
+        assert torch.allclose(m.state_dict()["conv1.weight"], sd["conv1.weight"].sum(1, keepdim=True))
+        assert torch.equal(m.state_dict()["layer1.0.conv1.weight"], sd["layer1.0.conv1.weight"])
+        assert m.state_dict()["fc.weight"].shape == (4, 512)
+
+
+def test_wrong_weights_file(tmp_path: Path) -> None:
+    sd = timm.create_model("resnet34", num_classes=4, in_chans=1).state_dict()
+    save_file({"layer1.0.conv1.weight": torch.zeros(3, 3, 3, 3)}, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(TrialError, match=r"layer1.0.conv1.weight has shape \(3, 3, 3, 3\) but resnet18 expects"):
+        build_model("resnet18", tmp_path / "bad.safetensors")
+    torch.save(sd, tmp_path / "r34.pt")
+    with pytest.raises(TrialError, match="key"):
+        build_model("resnet18", tmp_path / "r34.pt")
+    (tmp_path / "junk.pt").write_text("junk")
+    with pytest.raises(TrialError, match="cannot read weights"):
+        build_model("resnet18", tmp_path / "junk.pt")
+
+
+def _cfg_file(tmp_path: Path, tiny_data_cfg: object, extra: str = "") -> Path:
+    d = tiny_data_cfg
+    p = tmp_path / "tiny.yaml"
+    p.write_text(
+        f"name: tiny\noutput_dir: {tmp_path / 'runs'}\n"
+        f"data:\n  path: {d.path}\n  cache_dir: {d.cache_dir}\n  decode_size: {d.decode_size}\n"  # type: ignore[attr-defined]
+        f"  synthetic: {{packages: {{Ag: 6, NiPdAu: 6, Cu: 6}}, image_size: 64, cycle_step: 250}}\n"
+        f"trial: {{resolution: 32, folds: 2, epochs: 2, data_size: 40, batch_size: 8, max_copies: 10, device: cpu}}\n{extra}"
+    )
+    return p
+
+
+def test_trial_cli_writes_results_and_refuses_overwrite(tmp_path: Path, tiny_data_cfg: object, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = _cfg_file(tmp_path, tiny_data_cfg)
+    assert main(["trial", str(cfg)]) == 0
+    out = tmp_path / "runs/tiny-trial"
+    for f in ("config.yaml", "folds.csv", "metrics.csv", "checkpoint.pt", "curves.png", "final.json"):
+        assert (out / f).exists(), f
+    lines = (out / "metrics.csv").read_text().splitlines()
+    assert lines[0].startswith("epoch,fold,train/acc,train/loss,val/acc,val/loss")
+    assert len(lines) == 1 + 2 * (2 + 2)  # 2 epochs x (2 folds + mean + std)
+    before = (out / "metrics.csv").read_text()
+    assert main(["trial", str(cfg)]) == 2
+    assert "already exists; pass --resume" in capsys.readouterr().err
+    assert (out / "metrics.csv").read_text() == before
+    assert main(["trial", str(cfg), "--resume"]) == 0  # complete: nothing left to train
+    assert (out / "metrics.csv").read_text() == before
+    assert main(["trial", str(cfg), "trial.batch_size=128", "--overwrite"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("pqfn: error: trial.batch_size=128 is larger")
+
+
+def test_trial_cli_bad_config_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    p = tmp_path / "bad.yaml"
+    p.write_text("trial: {batch_size: 0}\n")
+    assert main(["trial", str(p)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bad.yaml: trial.batch_size" in err[0]
