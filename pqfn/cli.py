@@ -164,7 +164,7 @@ def cmd_sweep(a: argparse.Namespace) -> int:
 
 
 def cmd_report(a: argparse.Namespace) -> int:
-    from tune_jobs.report import regenerate
+    from pqfn.report import regenerate
 
     regenerate(Path(a.run_dir))
     return 0

@@ -174,6 +174,7 @@ class SearchConfig(_Strict):
     objective: Literal["gap", "multi"] = "gap"  # multi: maximise val/acc and minimise gap (NSGA-II)
     asha: AshaConfig = AshaConfig()
     max_failures: int = Field(1, ge=0)  # retries of a failing trial from its checkpoint
+    checkpoint_every: int = Field(1, ge=1)  # epochs between trial checkpoints (all folds' state)
 
 
 class SelectionConfig(_Strict):

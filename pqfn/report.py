@@ -165,3 +165,146 @@ def plot_delamination_map(path: Path, table: list[dict[str, Any]]) -> None:
     fig.colorbar(im, ax=ax, label="share predicted delaminated (A, B or C)")
     ax.set_title("Predicted delamination on held-out packages\n(true share in brackets)")
     save_fig(fig, path)
+
+
+# ---------------------------------------------------------------- sweep outputs
+TRIAL_METRICS = ["train/acc", "val/acc", "gap/acc", "train/loss", "val/loss", "gap/loss", "val/bal_acc", "objective"]
+
+
+def trial_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
+    params = sorted({k for r in rows for k in r["params"]})
+    cols = ["trial_id", "status", *params, "epoch", *TRIAL_METRICS, "time_total_s", "node_ip", "error"]
+    # Parameters are written exactly (str of a float is its shortest exact repr); metrics to 6 digits.
+    flat = [{k: v for k, v in r.items() if k not in ("params", "metrics")} | {k: str(v) for k, v in r["params"].items()}
+            for r in rows]
+    return cols, flat
+
+
+def read_trials_csv(path: Path) -> list[dict[str, Any]]:
+    """trials.csv -> rows as the selection expects them (params under 'params', floats parsed)."""
+    rows = []
+    with path.open(newline="") as f:
+        for raw in csv.DictReader(f):
+            row: dict[str, Any] = {"trial_id": raw["trial_id"], "status": raw["status"], "params": {}}
+            for k, v in raw.items():
+                if k.startswith("trial."):
+                    row["params"][k] = _num(v)
+                elif k not in ("trial_id", "status", "node_ip", "error"):
+                    row[k] = _num(v)
+            rows.append(row)
+    return rows
+
+
+def _num(v: str) -> Any:
+    for t in (int, float):
+        try:
+            return t(v)
+        except (TypeError, ValueError):
+            pass
+    return v
+
+
+def plot_pareto(path: Path, rows: list[dict[str, Any]], selection: dict[str, Any]) -> None:
+    plt = _plt()
+    gm = selection["rule"]["gap_metric"]
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    styles = {"completed": ("o", "tab:blue"), "stopped": ("x", "tab:grey"), "failed": ("s", "tab:red")}
+    for status, (marker, color) in styles.items():
+        pts = [r for r in rows if r["status"] == status and np.isfinite(r.get("val/acc", np.nan))]
+        if pts:
+            ax.scatter([r["val/acc"] for r in pts], [r[gm] for r in pts], marker=marker, color=color,
+                       label=f"{status} ({len(pts)})", alpha=0.8)
+    front = selection["pareto_front"]
+    if front:
+        ax.plot([p["val/acc"] for p in front], [p[gm] for p in front], "--", color="tab:blue", lw=1, label="Pareto front")
+    rule = selection["rule"]
+    if rule.get("floor") is not None:
+        ax.axvline(rule["floor"], color="tab:red", ls=":", lw=1, label=f"val/acc floor {rule['floor']}")
+    if selection.get("best_val_acc") is not None and rule.get("tolerance") is not None:
+        ax.axvline(selection["best_val_acc"] - rule["tolerance"], color="tab:orange", ls=":", lw=1,
+                   label=f"best - tolerance {rule['tolerance']}")
+    if selection["selected"] is not None:
+        s = selection["selected"]
+        ax.scatter([s["val/acc"]], [s[gm]], marker="*", s=300, color="gold", edgecolor="k", zorder=5, label="selected")
+    ax.axhline(0, color="k", lw=0.8)
+    ax.axvline(0.25, color="k", lw=0.6, ls="--")
+    ax.text(0.25, ax.get_ylim()[1], " chance", va="top", fontsize=8)
+    ax.set_xlabel("mean validation accuracy (val/acc)")
+    ax.set_ylabel(f"{gm} (positive = overfitting)")
+    ax.set_title("Trials: accuracy against overfitting gap")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    save_fig(fig, path)
+
+
+def plot_gap_by_axis(path: Path, rows: list[dict[str, Any]], gap_metric: str) -> None:
+    """Gap against each searched axis (the study's Fig. 6): completed trials, mean and spread."""
+    plt = _plt()
+    done = [r for r in rows if r["status"] == "completed"]
+    axes_keys = sorted({k for r in rows for k in r["params"]})
+    n = max(1, len(axes_keys))
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.8), squeeze=False)
+    for ax, key in zip(axes[0], axes_keys or ["(no axis)"], strict=False):
+        vals = sorted({r["params"][key] for r in done if key in r["params"]}, key=lambda v: (str(type(v)), v))
+        xs = np.arange(len(vals)) if any(isinstance(v, str) for v in vals) else np.array(vals, dtype=float)
+        for x, v in zip(xs, vals, strict=True):
+            g = [r[gap_metric] for r in done if r["params"].get(key) == v]
+            ax.scatter([x] * len(g), g, color="tab:blue", alpha=0.5)
+            ax.errorbar([x], [np.mean(g)], yerr=[np.std(g)] if len(g) > 1 else None, fmt="o", color="k", capsize=4)
+        ax.set_xlabel(key.split(".", 1)[-1].replace("_", " "))
+        ax.set_ylabel(f"{gap_metric} (mean of folds)")
+        ax.axhline(0, color="k", lw=0.8)
+        ax.grid(alpha=0.3)
+        if len(xs):
+            ax.set_xticks(xs, [str(v) for v in vals])
+    fig.suptitle("Overfitting gap by search axis (dots: trials; black: mean +- std)")
+    save_fig(fig, path)
+
+
+def write_sweep_outputs(sdir: Path, cfg: Any, rows: list[dict[str, Any]], data: Dataset, holdout: Any,
+                        log: Any = print) -> dict[str, Any]:
+    """trials.csv, selection.json, plots; then the held-out evaluation of the selection (if enabled)."""
+    from pqfn.config import with_overrides
+    from pqfn.evaluate import evaluate_holdout
+    from pqfn.selection import select
+
+    cols, flat = trial_table(rows)
+    write_csv(sdir / "trials.csv", flat, cols)
+    sel = select(rows, cfg.selection.gap_metric, cfg.selection.tolerance, cfg.selection.floor)
+    atomic_write(sdir / "selection.json", json.dumps(sel, indent=2, default=float))
+    plot_pareto(sdir / "pareto.png", rows, sel)
+    plot_gap_by_axis(sdir / "gap_by_axis.png", rows, cfg.selection.gap_metric)
+    summary: dict[str, Any] = {"folder": str(sdir), "selection": sel, "evaluation": None}
+    if sel["selected"] is not None and cfg.evaluate.enabled:
+        final = sdir / "final"
+        done = final / "evaluation.json"
+        params = sel["selected"]["params"]
+        if done.exists() and json.loads(done.read_text()).get("params") == params:
+            summary["evaluation"] = json.loads(done.read_text())
+        else:
+            tc = with_overrides(cfg, params).trial
+            m = evaluate_holdout(tc, data, holdout, final, log=log)
+            m["params"] = params
+            atomic_write(done, json.dumps(m, indent=2))
+            summary["evaluation"] = m
+    return summary
+
+
+def regenerate(run_dir: Path) -> None:
+    """`pqfn report RUN_DIR`: rebuild selection.json and the plots from trials.csv (no Ray, no W&B)."""
+    from pqfn.config import load_config
+    from pqfn.errors import PqfnError
+    from pqfn.selection import select
+
+    if not (run_dir / "trials.csv").exists():
+        raise PqfnError(f"{run_dir}: no trials.csv; expected a sweep results folder")
+    cfg = load_config(run_dir / "config.yaml")
+    rows = read_trials_csv(run_dir / "trials.csv")
+    sel = select(rows, cfg.selection.gap_metric, cfg.selection.tolerance, cfg.selection.floor)
+    atomic_write(run_dir / "selection.json", json.dumps(sel, indent=2, default=float))
+    plot_pareto(run_dir / "pareto.png", rows, sel)
+    plot_gap_by_axis(run_dir / "gap_by_axis.png", rows, cfg.selection.gap_metric)
+    ev = run_dir / "final" / "evaluation.json"
+    if ev.exists():
+        plot_confusion(run_dir / "final" / "confusion.png", json.loads(ev.read_text()))
+    print(f"rewrote {run_dir}/selection.json, pareto.png, gap_by_axis.png" + (", final/confusion.png" if ev.exists() else ""))

@@ -1,0 +1,47 @@
+"""HonestOptunaSearch against a real SQLite Optuna storage (no Ray cluster needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import optuna.distributions as od
+
+from tune_jobs.searcher import HonestOptunaSearch
+
+T = optuna.trial.TrialState
+
+
+def _searcher(db: Path) -> HonestOptunaSearch:
+    return HonestOptunaSearch(
+        space={"trial.resolution": od.CategoricalDistribution([32, 64])}, metric="objective", mode="min",
+        sampler=optuna.samplers.RandomSampler(seed=0), study_name="s",
+        storage=optuna.storages.RDBStorage(f"sqlite:///{db}"),
+    )
+
+
+def test_states_told_honestly(tmp_path: Path) -> None:
+    s = _searcher(tmp_path / "o.db")
+    for tid in ("full", "stopped", "error"):
+        assert "trial.resolution" in s.suggest(tid)
+        s.on_trial_result(tid, {"objective": 0.1, "training_iteration": 1})
+    s.on_trial_complete("full", {"objective": 0.2, "epoch": 3, "epochs": 3})
+    s.on_trial_complete("stopped", {"objective": 0.01, "epoch": 1, "epochs": 3})  # ASHA-stopped
+    s.on_trial_complete("error", {"objective": 0.05, "epoch": 2, "epochs": 3}, error=True)
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'o.db'}")
+    assert [t.state for t in study.trials] == [T.COMPLETE, T.PRUNED, T.FAIL]
+    assert study.trials[0].value == 0.2 and study.trials[1].intermediate_values == {1: 0.1}
+
+
+def test_restore_fails_only_orphans(tmp_path: Path) -> None:
+    s = _searcher(tmp_path / "o.db")
+    s.suggest("known")
+    s.save(str(tmp_path / "snap.pkl"))  # the searcher's last snapshot
+    s.suggest("orphan")  # handed out after it, then the driver is killed
+    restored = _searcher(tmp_path / "o.db")
+    restored.restore(str(tmp_path / "snap.pkl"))
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'o.db'}")
+    assert [t.state for t in study.trials] == [T.RUNNING, T.FAIL]
+    restored.on_trial_complete("known", {"objective": 0.3, "epoch": 2, "epochs": 2})
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'o.db'}")
+    assert [t.state for t in study.trials] == [T.COMPLETE, T.FAIL]

@@ -1,0 +1,87 @@
+"""Real tiny sweeps on a real local Ray instance with OptunaSearch and an SQLite storage."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import optuna
+import pytest
+
+from pqfn.config import DataConfig, load_config
+from pqfn.data import Dataset
+from pqfn.errors import PqfnError
+from tests.tune_jobs.conftest import sweep_yaml
+from tune_jobs.sweep import run_sweep
+
+pytestmark = pytest.mark.slow
+
+
+def _trials(run: Path) -> list[dict[str, str]]:
+    return list(csv.DictReader((run / "trials.csv").open()))
+
+
+def _study(run: Path) -> optuna.Study:
+    state = json.loads((run / "sweep.json").read_text())
+    return optuna.load_study(study_name=state["study_name"], storage=f"sqlite:///{run / 'optuna.db'}")
+
+
+def test_optuna_sweep_end_to_end(tmp_path: Path, tiny_data_cfg: DataConfig, tiny_ds: Dataset, ray_local: None) -> None:
+    cfg = load_config(sweep_yaml(tmp_path, tiny_data_cfg, "opt", (
+        "search:\n  num_samples: 3\n  max_concurrent: 2\n  n_startup_trials: 2\n"
+        "  space: {trial.resolution: {choice: [32, 40]}, trial.optimizer.lr: {loguniform: [0.0005, 0.005]}}\n"
+        "wandb: {mode: disabled}\n")))
+    s = run_sweep(cfg, log=lambda *a: None)
+    run = tmp_path / "runs/opt"
+    rows = _trials(run)
+    assert len(rows) == 3 and {r["status"] for r in rows} == {"completed"}
+    study = _study(run)
+    assert len(study.trials) == 3 and all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    assert sorted((t.params["trial.resolution"], round(t.params["trial.optimizer.lr"], 9)) for t in study.trials) == sorted(
+        (int(r["trial.resolution"]), round(float(r["trial.optimizer.lr"]), 9)) for r in rows)
+    sel = json.loads((run / "selection.json").read_text())
+    chosen = next(r for r in rows if r["trial_id"] == sel["selected"]["trial_id"])
+    done = [r for r in rows if r["status"] == "completed"]
+    best = max(float(r["val/acc"]) for r in done)
+    ok = [r for r in done if float(r["val/acc"]) >= best - 0.5]
+    assert float(chosen["gap/acc"]) == min(float(r["gap/acc"]) for r in ok)
+    assert s["evaluation"]["n_test_images"] > 0 and (run / "final/evaluation.json").exists()
+    for f in ("config.yaml", "pareto.png", "gap_by_axis.png", "final/confusion.png", "tune"):
+        assert (run / f).exists(), f
+    # The same name with another config is refused; nothing already written changes.
+    before = (run / "trials.csv").read_text()
+    with pytest.raises(PqfnError, match="different config"):
+        run_sweep(load_config(sweep_yaml(tmp_path, tiny_data_cfg, "opt", "search: {num_samples: 5}\n")), log=lambda *a: None)
+    assert (run / "trials.csv").read_text() == before
+
+
+def test_failing_trial_does_not_stop_the_sweep(tmp_path: Path, tiny_data_cfg: DataConfig, ray_local: None) -> None:
+    # lr 10 with SGD momentum 0.99 diverges to NaN: the trial engine raises, Tune records the failure.
+    cfg = load_config(sweep_yaml(tmp_path, tiny_data_cfg, "fail", (
+        "search:\n  type: grid\n  max_failures: 1\n  space: {trial.optimizer.lr: {choice: [0.002, 10.0]}}\n"
+        "evaluate: {enabled: false}\nwandb: {mode: disabled}\n")), ["trial.optimizer.name=sgd", "trial.optimizer.momentum=0.99"])
+    s = run_sweep(cfg, log=lambda *a: None)
+    rows = {float(r["trial.optimizer.lr"]): r for r in _trials(tmp_path / "runs/fail")}
+    assert rows[10.0]["status"] == "failed" and "trial stopped" in rows[10.0]["error"]
+    assert rows[0.002]["status"] == "completed"
+    assert s["selection"]["selected"]["params"]["trial.optimizer.lr"] == 0.002
+
+
+def test_asha_stopped_trials_are_pruned_and_never_selected(tmp_path: Path, tiny_data_cfg: DataConfig, ray_local: None) -> None:
+    cfg = load_config(sweep_yaml(tmp_path, tiny_data_cfg, "asha", (
+        "search:\n  num_samples: 5\n  max_concurrent: 1\n  n_startup_trials: 5\n"
+        "  space: {trial.optimizer.lr: {loguniform: [0.00001, 0.01]}}\n"
+        "  asha: {enabled: true, metric: val/loss, mode: min, grace_period: 1, reduction_factor: 2}\n"
+        "evaluate: {enabled: false}\nwandb: {mode: disabled}\n")), ["trial.epochs=3"])
+    s = run_sweep(cfg, log=lambda *a: None)
+    run = tmp_path / "runs/asha"
+    rows = _trials(run)
+    stopped = [r for r in rows if r["status"] == "stopped"]
+    assert stopped, "ASHA stopped no trial; the test needs one"
+    assert all(int(r["epoch"]) < 3 for r in stopped)
+    states = {round(t.params["trial.optimizer.lr"], 12): t.state for t in _study(run).trials}
+    for r in stopped:
+        assert states[round(float(r["trial.optimizer.lr"]), 12)] == optuna.trial.TrialState.PRUNED
+    sel = s["selection"]["selected"]
+    assert sel is not None and sel["trial_id"] not in {r["trial_id"] for r in stopped}

@@ -1,0 +1,110 @@
+"""Weights & Biases: one run per trial (job_type 'trial'), one summary run per sweep, offline-first.
+
+The API key is read from the environment only (WANDB_API_KEY); it is never written to a config,
+a log or a results folder. Runs are written under <sweep folder>/wandb with an absolute dir.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pqfn.config import Config
+from pqfn.errors import ConfigError
+
+
+def resolve_mode(cfg: Config) -> str:
+    mode = cfg.wandb.mode
+    if mode == "auto":
+        return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    return mode
+
+
+def check_mode(cfg: Config) -> str:
+    """Fail before any training when online logging cannot work."""
+    mode = resolve_mode(cfg)
+    if mode == "online" and not os.environ.get("WANDB_API_KEY"):
+        raise ConfigError(
+            "wandb.mode: online needs the WANDB_API_KEY environment variable (never put the key in a config); "
+            "set it, or use wandb.mode=offline and upload later with `wandb sync`"
+        )
+    return mode
+
+
+def sweep_dir(cfg: Config) -> Path:
+    return (cfg.output_dir / cfg.name).resolve()
+
+
+def flat_config(cfg: Config) -> dict[str, Any]:
+    """Readable flat keys: trial.resolution, trial.optimizer.lr, data.source, ..."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            out[prefix] = node
+
+    dumped = cfg.model_dump(mode="json")
+    walk("", {k: dumped[k] for k in ("name", "data", "trial", "resources")})
+    return out
+
+
+def init_run(cfg: Config, *, job_type: str, name: str, config: dict[str, Any]) -> Any:
+    mode = resolve_mode(cfg)
+    if mode == "disabled":
+        return None
+    import wandb
+
+    d = sweep_dir(cfg)
+    d.mkdir(parents=True, exist_ok=True)
+    return wandb.init(
+        project=cfg.wandb.project, entity=cfg.wandb.entity, group=cfg.name, job_type=job_type, name=name,
+        config=config, dir=str(d), mode=mode, reinit="create_new",  # type: ignore[arg-type]
+        settings=wandb.Settings(silent=True, console="off", x_disable_stats=True, x_disable_meta=True),
+    )
+
+
+def trial_run(cfg: Config, overrides: dict[str, Any], trial_name: str | None = None, trial_id: str | None = None) -> Any:
+    name = trial_name or "trial-" + "-".join(f"{k.split('.')[-1]}{v}" for k, v in sorted(overrides.items()))
+    flat = flat_config(cfg) | {f"search.{k}": v for k, v in overrides.items()} | {"trial_id": trial_id}
+    return init_run(cfg, job_type="trial", name=name, config=flat)
+
+
+def summary_run(cfg: Config, sdir: Path, rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+    """One run per sweep (job_type 'sweep-summary'): trials table, selection, plots, held-out results."""
+    run = init_run(cfg, job_type="sweep-summary", name=f"{cfg.name}-summary", config=flat_config(cfg))
+    if run is None:
+        return
+    import wandb
+
+    from pqfn.report import trial_table
+
+    cols, flat = trial_table(rows)
+    run.log({"trials": wandb.Table(columns=cols, data=[[r.get(c, "") for c in cols] for r in flat])})
+    sel = summary["selection"]
+    run.summary["selection/rule"] = sel["rule"]["text"]
+    run.summary["selection/reason"] = sel["reason"]
+    if sel["selected"] is not None:
+        run.summary["selection/params"] = sel["selected"]["params"]
+        for k, v in sel["selected"]["metrics"].items():
+            if "/" in k and not k.startswith("fold"):
+                run.summary[f"selected/{k}"] = v
+    images = {"pareto": sdir / "pareto.png", "gap_by_axis": sdir / "gap_by_axis.png",
+              "heldout/confusion": sdir / "final" / "confusion.png",
+              "heldout/by_metallization_cycles": sdir / "final" / "by_metallization_cycles.png"}
+    run.log({k: wandb.Image(str(p)) for k, p in images.items() if p.exists()})
+    ev = summary.get("evaluation")
+    if ev:
+        for k in ("accuracy", "balanced_accuracy", "macro_precision", "macro_recall", "macro_f1"):
+            run.summary[f"heldout/{k}"] = ev[k]
+        per = ev["per_class"]
+        run.log({"heldout/per_class": wandb.Table(
+            columns=["class", "precision", "recall", "f1", "support"],
+            data=[[c, v["precision"], v["recall"], v["f1"], v["support"]] for c, v in per.items()])})
+        if ev.get("by_metallization_cycles"):
+            t = ev["by_metallization_cycles"]
+            run.log({"heldout/by_metallization_cycles_table": wandb.Table(columns=list(t[0]), data=[list(r.values()) for r in t])})
+    run.finish()
