@@ -166,7 +166,7 @@ class SearchConfig(_Strict):
     # grid only: one-axis-at-a-time designs. Each entry varies ONE key over its values while every
     # other key keeps the trial block's value; the grid is the union of the axes (the study's design).
     axes: list[dict[str, list[Any]]] = Field(default_factory=list)
-    num_samples: int = Field(8, ge=1)  # optuna: trials; grid: repeats of the whole grid
+    num_samples: int = Field(0, ge=0)  # optuna: trials (0 -> 8); grid: repeats of the whole grid (0 -> 1)
     max_concurrent: int = Field(2, ge=1)
     seed: int = 0
     sampler: Literal["tpe", "random", "nsga2"] = "tpe"
@@ -175,6 +175,12 @@ class SearchConfig(_Strict):
     asha: AshaConfig = AshaConfig()
     max_failures: int = Field(1, ge=0)  # retries of a failing trial from its checkpoint
     checkpoint_every: int = Field(1, ge=1)  # epochs between trial checkpoints (all folds' state)
+
+    @model_validator(mode="after")
+    def _samples(self) -> SearchConfig:
+        if self.num_samples == 0:
+            object.__setattr__(self, "num_samples", 1 if self.type == "grid" else 8)
+        return self
 
 
 class SelectionConfig(_Strict):

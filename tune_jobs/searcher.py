@@ -8,7 +8,8 @@ like finished trials to the sampler. Here:
 - a trial that did not reach its full epoch budget is told PRUNED (its per-epoch values stay
   in the study as intermediate values); one that raised is told FAIL;
 - on restore after a crash, study trials left RUNNING that the restored searcher does not know
-  (handed out after its last snapshot, then orphaned) are marked FAIL.
+  (handed out after its last snapshot, then orphaned) are marked FAIL; a trial the study saw
+  finish after that snapshot is re-run by Tune from its checkpoint and keeps its first record.
 """
 
 from __future__ import annotations
@@ -35,6 +36,14 @@ def fail_orphans(study: optuna.Study, known_ids: set[int]) -> list[int]:
 
 
 class HonestOptunaSearch(OptunaSearch):
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        try:
+            super().on_trial_result(trial_id, result)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # Resumed after a crash: the study recorded this trial's end after the searcher's last
+            # snapshot, so Tune re-runs it from its checkpoint; the study keeps its first record.
+            pass
+
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
         full = bool(result) and result.get("epoch", 0) >= result.get("epochs", math.inf)  # type: ignore[union-attr]
         if trial_id in self._completed_trials or (full and not error):
