@@ -35,10 +35,13 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+_STUDY_PACKAGES: dict[Metal, int] = {"Ag": 50, "NiPdAu": 50, "Cu": 40}
+
+
 class SynthConfig(_Strict):
     """Synthetic CSAM data set (see pqfn/synth.py). Defaults mirror the reference study."""
 
-    packages: dict[Metal, int] = Field(default_factory=lambda: {"Ag": 50, "NiPdAu": 50, "Cu": 40})
+    packages: dict[Metal, int] = Field(default_factory=lambda: _STUDY_PACKAGES.copy())
     max_cycles: int = Field(1000, ge=0)
     cycle_step: int = Field(100, ge=1)
     image_size: int = Field(400, ge=64, le=2048)  # pixels; 400 px ~ 8 mm at 20 um per pixel
@@ -169,7 +172,8 @@ class SearchConfig(_Strict):
     num_samples: int = Field(0, ge=0)  # optuna: trials (0 -> 8); grid: repeats of the whole grid (0 -> 1)
     max_concurrent: int = Field(2, ge=1)
     seed: int = 0
-    sampler: Literal["tpe", "random", "nsga2"] = "tpe"
+    # bruteforce: each configuration of a finite (all-choice) space at most once, in seeded random order
+    sampler: Literal["tpe", "random", "nsga2", "bruteforce"] = "tpe"
     n_startup_trials: int = Field(4, ge=0)  # TPE random start-up trials (Optuna's default is 10)
     objective: Literal["gap", "multi"] = "gap"  # multi: maximise val/acc and minimise gap (NSGA-II)
     asha: AshaConfig = AshaConfig()
@@ -178,6 +182,8 @@ class SearchConfig(_Strict):
 
     @model_validator(mode="after")
     def _samples(self) -> SearchConfig:
+        if self.sampler == "bruteforce" and any(sp.choice is None for sp in self.space.values()):
+            raise ValueError("sampler bruteforce: expected only choice axes in search.space")
         if self.num_samples == 0:
             object.__setattr__(self, "num_samples", 1 if self.type == "grid" else 8)
         return self

@@ -132,8 +132,9 @@ def read_folders(root: Path, cfg: DataConfig) -> list[_Row]:
 
 def decode_image(file: Path, size: int) -> np.ndarray:
     """One image file -> (size, size) uint8 grayscale. 16-bit images are scaled by 255/65535."""
-    with Image.open(file) as im:
-        im.load()
+    with Image.open(file) as src:
+        src.load()
+        im: Image.Image = src
         if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
             arr = np.asarray(im, dtype=np.float64)
             hi = 65535.0 if im.mode != "I" or arr.max() > 255 else 255.0
@@ -162,7 +163,8 @@ def _cache_key(rows: list[_Row], cfg: DataConfig) -> str:
 
 def _decode_all(rows: list[_Row], cfg: DataConfig) -> tuple[np.ndarray, list[int], list[str]]:
     out = np.empty((len(rows), cfg.decode_size, cfg.decode_size), np.uint8)
-    kept, bad = [], []
+    kept: list[int] = []
+    bad: list[str] = []
     for i, r in enumerate(rows):
         try:
             out[len(kept)] = decode_image(r.file, cfg.decode_size)
@@ -188,6 +190,8 @@ def load_dataset(cfg: DataConfig, *, cache: bool = True, log: bool = True) -> Da
     key = _cache_key(rows, cfg)
     cache_file = cache_dir / f"decoded-{key}.npz"
     images: np.ndarray | None = None
+    kept: list[int] = []
+    bad: list[str] = []
     if cache and cache_file.exists():
         try:
             with np.load(cache_file) as z:

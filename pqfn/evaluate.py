@@ -15,7 +15,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, precision_recall_fscore_support
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    confusion_matrix,
+    precision_recall_fscore_support,
+)
 
 from pqfn.config import CLASSES, TrialConfig
 from pqfn.data import Dataset
@@ -113,7 +118,7 @@ def evaluate_holdout(
             raise TrialError(f"--model: cannot load {model_path} into {cfg.model} ({type(e).__name__})") from None
     else:
         log(f"training the final model on the whole search pool ({cfg.data_size} images, {cfg.epochs} epochs) ...")
-        learner = train_final(cfg, ds, holdout.pool, device, on_epoch=lambda e, l: log(f"  epoch {e}: train loss {l:.4f}"))
+        learner = train_final(cfg, ds, holdout.pool, device, on_epoch=lambda e, loss: log(f"  epoch {e}: train loss {loss:.4f}"))
         model = learner.model
         tmp = out_dir / "model.safetensors.tmp"
         save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp))

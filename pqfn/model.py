@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -20,6 +21,7 @@ def check_model_name(name: str) -> None:
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    sd: Any
     if not path.is_file():
         raise TrialError(f"trial.pretrained: {path} is not a file")
     try:
@@ -51,8 +53,8 @@ def build_model(name: str, pretrained: Path | None = None, num_classes: int = le
         return model
     sd = _read_weights(pretrained)
     own = model.state_dict()
-    first = model.default_cfg.get("first_conv")
-    head = model.default_cfg.get("classifier")
+    meta: dict[str, Any] = dict(getattr(model, "default_cfg", {}) or {})
+    first, head = meta.get("first_conv"), meta.get("classifier")
     unknown = [k for k in sd if k not in own]
     if unknown:
         raise TrialError(f"trial.pretrained: {pretrained} has {len(unknown)} key(s) that {name} lacks, e.g. {unknown[0]!r}")

@@ -46,7 +46,7 @@ def save_fig(fig: Any, path: Path) -> None:
 
 def metrics_rows(history: list[dict[str, float]], folds: int) -> list[dict[str, Any]]:
     """One row per epoch and fold, plus a 'mean' and a 'std' row per epoch."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     for rec in history:
         e = int(rec["epoch"])
         for k in range(1, folds + 1):

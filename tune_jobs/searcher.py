@@ -14,6 +14,7 @@ like finished trials to the sampler. Here:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from typing import Any
@@ -37,12 +38,10 @@ def fail_orphans(study: optuna.Study, known_ids: set[int]) -> list[int]:
 
 class HonestOptunaSearch(OptunaSearch):
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
-        try:
+        # Resumed after a crash: the study recorded this trial's end after the searcher's last
+        # snapshot, so Tune re-runs it from its checkpoint; the study keeps its first record.
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
             super().on_trial_result(trial_id, result)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            # Resumed after a crash: the study recorded this trial's end after the searcher's last
-            # snapshot, so Tune re-runs it from its checkpoint; the study keeps its first record.
-            pass
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
         full = bool(result) and result.get("epoch", 0) >= result.get("epochs", math.inf)  # type: ignore[union-attr]
@@ -50,8 +49,9 @@ class HonestOptunaSearch(OptunaSearch):
             super().on_trial_complete(trial_id, result, error)
             return
         state = optuna.trial.TrialState.FAIL if error else optuna.trial.TrialState.PRUNED
+        study: Any = self._ot_study
         try:
-            self._ot_study.tell(self._ot_trials[trial_id], None, state=state)
+            study.tell(self._ot_trials[trial_id], None, state=state)
         except Exception as exc:  # noqa: BLE001 - e.g. already finished in the study before a restore
             log.warning("optuna: could not record trial %s as %s: %s", trial_id, state.name, exc)
         self._completed_trials.add(trial_id)
@@ -59,6 +59,7 @@ class HonestOptunaSearch(OptunaSearch):
     def restore(self, checkpoint_path: str) -> None:
         super().restore(checkpoint_path)
         known = {t._trial_id for t in self._ot_trials.values()}
-        orphans = fail_orphans(self._ot_study, known)
+        study: Any = self._ot_study
+        orphans = fail_orphans(study, known)
         if orphans:
             log.warning("optuna: marked trial(s) %s FAIL: left RUNNING by an interrupted sweep", orphans)

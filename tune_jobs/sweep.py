@@ -107,6 +107,8 @@ def build_tuner(cfg: Config, sdir: Path, state: dict[str, Any], trainable: Any) 
         multi = s.objective == "multi"
         if multi or s.sampler == "nsga2":
             sampler: Any = optuna.samplers.NSGAIISampler(seed=s.seed)
+        elif s.sampler == "bruteforce":
+            sampler = optuna.samplers.BruteForceSampler(seed=s.seed)
         elif s.sampler == "random":
             sampler = optuna.samplers.RandomSampler(seed=s.seed)
         else:

@@ -19,8 +19,8 @@ from ray import tune
 
 from pqfn.config import Config, with_overrides
 from pqfn.data import Dataset
-from pqfn.trial import CrossValidation, cross_validate
 from pqfn.selection import search_objective
+from pqfn.trial import CrossValidation, cross_validate
 
 STATE_FILE = "trial_state.pt"
 

@@ -83,7 +83,7 @@ def summary_run(cfg: Config, sdir: Path, rows: list[dict[str, Any]], summary: di
     from pqfn.report import trial_table
 
     cols, flat = trial_table(rows)
-    run.log({"trials": wandb.Table(columns=cols, data=[[r.get(c, "") for c in cols] for r in flat])})
+    run.log({"trials": wandb.Table(columns=list[Any](cols), data=[[r.get(c, "") for c in cols] for r in flat])})
     sel = summary["selection"]
     run.summary["selection/rule"] = sel["rule"]["text"]
     run.summary["selection/reason"] = sel["reason"]

@@ -3,6 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from pqfn.config import Config, load_config, parse_overrides, with_overrides
 from pqfn.errors import ConfigError
@@ -27,7 +28,7 @@ def test_every_config_loads_and_validates(path: Path) -> None:
 def test_overrides_are_typed_and_applied(tmp_path: Path) -> None:
     cfg = load_config(ROOT / "configs/quickstart.yaml", ["trial.epochs=3", "trial.optimizer.lr=0.01", "name=x1"])
     assert cfg.trial.epochs == 3 and cfg.trial.optimizer.lr == 0.01 and cfg.name == "x1"
-    with pytest.raises(Exception):  # frozen
+    with pytest.raises(ValidationError):  # frozen
         cfg.trial.epochs = 4  # type: ignore[misc]
 
 

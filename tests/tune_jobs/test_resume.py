@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -51,10 +52,8 @@ def test_sigkill_driver_then_resume(tmp_path: Path, tiny_data_cfg: DataConfig, t
         p.wait()
     finally:
         # Stop exactly the processes this sweep started (its own session), never a machine-wide `ray stop`.
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     assert T.RUNNING in _states(run) or len(_states(run)) < 4  # it really was interrupted
 
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=400, start_new_session=True)
