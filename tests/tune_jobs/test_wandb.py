@@ -1,0 +1,71 @@
+"""W&B offline-first: read the offline run files back; disabled writes nothing; the key never leaks."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from pqfn.config import DataConfig, load_config
+from pqfn.errors import ConfigError
+from tests.tune_jobs.conftest import sweep_yaml
+from tests.tune_jobs.wandb_records import offline_runs
+from tune_jobs.sweep import run_sweep
+
+pytestmark = pytest.mark.slow
+DUMMY_KEY = "pqfn-test-dummy-key-0123456789abcdef0123456789abcdef"
+
+
+def test_offline_runs_and_no_key_leak(tmp_path: Path, tiny_data_cfg: DataConfig, ray_local: None,
+                                      monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("WANDB_API_KEY", DUMMY_KEY)  # present, but this sweep is told to stay offline
+    cfg = load_config(sweep_yaml(tmp_path, tiny_data_cfg, "wb", (
+        "search:\n  type: grid\n  space: {trial.resolution: {choice: [32, 40]}}\n"
+        "evaluate: {enabled: false}\nwandb: {mode: offline, project: pqfn-test}\n")))
+    logs: list[str] = []
+    run_sweep(cfg, log=lambda *a: logs.append(" ".join(map(str, a))))
+    sweep = tmp_path / "runs/wb"
+    runs = offline_runs(sweep)
+    trials = [r for r in runs if r.job_type == "trial"]
+    summary = [r for r in runs if r.job_type == "sweep-summary"]
+    assert len(trials) == 2 and len(summary) == 1
+    assert all(r.group == "wb" for r in runs)
+    assert sorted(r.config["search.trial.resolution"] for r in trials) == [32, 40]
+    for r in trials:
+        assert r.config["trial.folds"] == 2
+        steps = [h for h in r.history if "gap/acc" in h]
+        assert [h["_step"] for h in steps] == [1, 2]  # every epoch, epoch = step
+        for h in steps:
+            assert {"gap/acc", "gap/loss", "train/acc", "val/loss", "fold1/val/acc", "fold2/gap/loss"} <= set(h)
+    s = summary[0]
+    table = next(h["trials"] for h in s.history if "trials" in h)
+    assert table["_type"] == "table-file" and table["nrows"] == 2
+    rows = json.loads((s.dir / "files" / table["path"]).read_text())
+    assert len(rows["data"]) == 2 and "gap/acc" in rows["columns"]
+    assert "selection/rule" in s.summary and "selected/gap/acc" in s.summary
+    # The key is read from the environment only: no file and no log line contains it.
+    out = capfd.readouterr()
+    assert DUMMY_KEY not in out.out + out.err + "\n".join(logs)
+    for f in sweep.rglob("*"):
+        if f.is_file():
+            assert DUMMY_KEY.encode() not in f.read_bytes(), f
+
+
+def test_disabled_writes_nothing(tmp_path: Path, tiny_data_cfg: DataConfig, ray_local: None) -> None:
+    cfg = load_config(sweep_yaml(tmp_path, tiny_data_cfg, "nowb", (
+        "search:\n  type: grid\n  space: {trial.resolution: {choice: [32]}}\n"
+        "evaluate: {enabled: false}\nwandb: {mode: disabled}\n")), ["trial.epochs=1"])
+    run_sweep(cfg, log=lambda *a: None)
+    assert not (tmp_path / "runs/nowb/wandb").exists()
+
+
+def test_online_without_key_fails_before_training(tmp_path: Path, tiny_data_cfg: DataConfig,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    cfg = load_config(sweep_yaml(tmp_path, tiny_data_cfg, "online", "wandb: {mode: online}\n"))
+    with pytest.raises(ConfigError, match="wandb.mode: online needs the WANDB_API_KEY"):
+        run_sweep(cfg, log=lambda *a: None)
+    assert not (tmp_path / "runs/online").exists()
+    assert "WANDB_API_KEY" not in os.environ

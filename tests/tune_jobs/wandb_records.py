@@ -1,0 +1,93 @@
+"""Read W&B offline run files (.wandb): LevelDB-log framing of protobuf Record messages.
+
+wandb 0.31 writes them from its Go core and no longer ships a Python reader; the message
+classes (wandb.proto.wandb_internal_pb2) are still shipped, so the framing is read here.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from wandb.proto import wandb_internal_pb2 as pb
+
+BLOCK = 32768
+HEADER = 7  # ':W&B' + magic (2 bytes) + version (1 byte); each record: crc32, length, type
+
+
+def records(path: Path) -> list[Any]:
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", f"{path} is not a W&B run file"
+    out, buf, pos = [], b"", HEADER
+    while pos + 7 <= len(data):
+        left = BLOCK - pos % BLOCK
+        if left < 7:
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if length == 0 and kind == 0:
+            pos += left
+            continue
+        payload, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind == 1:
+            out.append(payload)
+        elif kind == 2:
+            buf = payload
+        elif kind == 3:
+            buf += payload
+        elif kind == 4:
+            out.append(buf + payload)
+    msgs = []
+    for raw in out:
+        m = pb.Record()
+        m.ParseFromString(raw)
+        msgs.append(m)
+    return msgs
+
+
+@dataclass
+class OfflineRun:
+    dir: Path
+    group: str = ""
+    job_type: str = ""
+    name: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def _items(items: Any) -> dict[str, Any]:
+    """Protobuf items -> dict; a multi-part nested_key (['trials', 'nrows']) becomes nested dicts."""
+    out: dict[str, Any] = {}
+    for i in items:
+        keys = [i.key] if i.key else list(i.nested_key)
+        node = out
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = json.loads(i.value_json)
+    return out
+
+
+def read_run(path: Path) -> OfflineRun:
+    run = OfflineRun(path.parent)
+    for m in records(path):
+        kind = m.WhichOneof("record_type")
+        if kind == "run":
+            run.group, run.job_type, run.name = m.run.run_group, m.run.job_type, m.run.display_name
+            for item in m.run.config.update:
+                run.config[item.key] = json.loads(item.value_json)
+        elif kind == "config":
+            for item in m.config.update:
+                run.config[item.key] = json.loads(item.value_json)
+        elif kind == "history":
+            run.history.append(_items(m.history.item))
+        elif kind == "summary":
+            run.summary.update(_items(m.summary.update))
+    return run
+
+
+def offline_runs(sweep_dir: Path) -> list[OfflineRun]:
+    return [read_run(p) for p in sorted((sweep_dir / "wandb").glob("offline-run-*/run-*.wandb"))]
