@@ -78,13 +78,17 @@ def cmd_trial(a: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from pqfn.config import dump_config
+    from pqfn.config import dump_config, with_overrides
     from pqfn.report import atomic_write, plot_curves, write_metrics_csv
     from pqfn.splits import write_folds_csv
     from pqfn.trial import CrossValidation
+    from pqfn.wandb_log import check_mode, trial_run
 
     cfg = _load(a)
+    if a.no_wandb:
+        cfg = with_overrides(cfg, {"wandb.mode": "disabled"}, source="--no-wandb")
     tc = cfg.trial
+    check_mode(cfg)
     out = Path(a.out or cfg.output_dir / f"{cfg.name}-trial")
     prepare_out_dir(out, resume=a.resume, overwrite=a.overwrite, what="trial results")
     ds, holdout = _data(cfg)
@@ -101,6 +105,7 @@ def cmd_trial(a: argparse.Namespace) -> int:
           f"{tc.resolution} px, batch {tc.batch_size}, on {cv.device}")
     cols = ["train/acc", "val/acc", "gap/acc", "train/loss", "val/loss", "gap/loss", "val/bal_acc"]
     head = f"{'epoch':>5} " + " ".join(f"{c:>10}" for c in cols) + f" {'sec':>6}"
+    run = trial_run(cfg, {}, trial_name=f"{cfg.name}-local", folder=out) if cv.epoch < tc.epochs else None
     bar = tqdm(total=tc.epochs, initial=cv.epoch, desc="epochs", unit="ep", file=sys.stderr, leave=False)
     tqdm.write(head)
     for rec in cv.history:
@@ -111,9 +116,13 @@ def cmd_trial(a: argparse.Namespace) -> int:
         torch.save(cv.state_dict(), tmp)
         tmp.replace(ckpt)
         write_metrics_csv(out / "metrics.csv", cv.history, tc.folds)
+        if run is not None:
+            run.log(rec, step=int(rec["epoch"]))
         tqdm.write(f"{int(rec['epoch']):>5} " + " ".join(f"{rec[c]:>10.4f}" for c in cols) + f" {rec['time/epoch_s']:>6.1f}")
         bar.update(1)
     bar.close()
+    if run is not None:
+        run.finish()
     write_metrics_csv(out / "metrics.csv", cv.history, tc.folds)
     plot_curves(out / "curves.png", cv.history, f"{cfg.name}: {tc.resolution} px, batch {tc.batch_size}, data_size {tc.data_size}")
     final = cv.history[-1]
@@ -215,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
             t.add_argument("--out", help="results folder (default: <output_dir>/<name>-%s)" % ("trial" if name == "trial" else "eval"))
         if name in ("trial", "sweep"):
             t.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
+        if name == "trial":
+            t.add_argument("--no-wandb", action="store_true", help="do not log to W&B (same as wandb.mode=disabled)")
         if name == "evaluate":
             t.add_argument("--model", help="a trained model.safetensors instead of retraining")
         if name == "sweep":
@@ -235,7 +246,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may also come after options (`pqfn trial C --resume trial.epochs=3`)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     warnings.showwarning = _warning_line
     try:
         return int(args.func(args) or 0)

@@ -202,8 +202,8 @@ def run_sweep(cfg: Config, *, address: str | None = None, resume: bool = False, 
     from pqfn.data import load_dataset
     from pqfn.report import write_sweep_outputs
     from pqfn.splits import split_test
+    from pqfn.wandb_log import check_mode, summary_run
     from tune_jobs.trainable import make_trainable
-    from tune_jobs.wandb_log import check_mode, summary_run
 
     cfg = absolutize(cfg)
     check_mode(cfg)
@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--address", help="a running Ray cluster; default: a private local one (address='local')")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--overwrite", action="store_true")
-    a = ap.parse_args(argv)
+    a = ap.parse_intermixed_args(argv)  # key=value overrides may come before or after options
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:
         cfg = load_config(a.config, a.overrides)

@@ -72,7 +72,7 @@ def run_trial(config: dict[str, Any], *, base: Config, data: Dataset, pool: np.n
 
 
 def _wandb_run(cfg: Config, config: dict[str, Any]) -> Any:
-    from tune_jobs.wandb_log import trial_run
+    from pqfn.wandb_log import trial_run
 
     ctx = tune.get_context()
     return trial_run(cfg, trial_overrides(config), trial_name=ctx.get_trial_name(), trial_id=ctx.get_trial_id())

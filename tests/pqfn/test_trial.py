@@ -16,6 +16,7 @@ from pqfn.metrics import FOLD_METRICS
 from pqfn.model import build_model
 from pqfn.splits import split_test
 from pqfn.trial import CrossValidation, cross_validate
+from tests.tune_jobs.wandb_records import offline_runs
 
 TINY = dict(resolution=32, folds=2, epochs=2, data_size=40, batch_size=8, max_copies=10, device="cpu")
 
@@ -131,6 +132,8 @@ def test_trial_cli_writes_results_and_refuses_overwrite(tmp_path: Path, tiny_dat
     out = tmp_path / "runs/tiny-trial"
     for f in ("config.yaml", "folds.csv", "metrics.csv", "checkpoint.pt", "curves.png", "final.json"):
         assert (out / f).exists(), f
+    (run,) = offline_runs(out)  # W&B offline by default (no key in the environment)
+    assert run.job_type == "trial" and [h["_step"] for h in run.history if "gap/acc" in h] == [1, 2]
     lines = (out / "metrics.csv").read_text().splitlines()
     assert lines[0].startswith("epoch,fold,train/acc,train/loss,val/acc,val/loss")
     assert len(lines) == 1 + 2 * (2 + 2)  # 2 epochs x (2 folds + mean + std)
@@ -140,6 +143,8 @@ def test_trial_cli_writes_results_and_refuses_overwrite(tmp_path: Path, tiny_dat
     assert (out / "metrics.csv").read_text() == before
     assert main(["trial", str(cfg), "--resume"]) == 0  # complete: nothing left to train
     assert (out / "metrics.csv").read_text() == before
+    assert main(["trial", str(cfg), "--overwrite", "--no-wandb", "trial.epochs=1"]) == 0
+    assert not (out / "wandb").exists()
     assert main(["trial", str(cfg), "trial.batch_size=128", "--overwrite"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("pqfn: error: trial.batch_size=128 is larger")

@@ -1,5 +1,7 @@
 """Weights & Biases: one run per trial (job_type 'trial'), one summary run per sweep, offline-first.
 
+Used by the sweep (tune_jobs/) and by `pqfn trial`; no Ray here.
+
 The API key is read from the environment only (WANDB_API_KEY); it is never written to a config,
 a log or a results folder. Runs are written under <sweep folder>/wandb with an absolute dir.
 """
@@ -52,13 +54,13 @@ def flat_config(cfg: Config) -> dict[str, Any]:
     return out
 
 
-def init_run(cfg: Config, *, job_type: str, name: str, config: dict[str, Any]) -> Any:
-    mode = resolve_mode(cfg)
+def init_run(cfg: Config, *, job_type: str, name: str, config: dict[str, Any], folder: Path | None = None) -> Any:
+    mode = check_mode(cfg)
     if mode == "disabled":
         return None
     import wandb
 
-    d = sweep_dir(cfg)
+    d = (folder or sweep_dir(cfg)).resolve()
     d.mkdir(parents=True, exist_ok=True)
     return wandb.init(
         project=cfg.wandb.project, entity=cfg.wandb.entity, group=cfg.name, job_type=job_type, name=name,
@@ -67,10 +69,12 @@ def init_run(cfg: Config, *, job_type: str, name: str, config: dict[str, Any]) -
     )
 
 
-def trial_run(cfg: Config, overrides: dict[str, Any], trial_name: str | None = None, trial_id: str | None = None) -> Any:
+def trial_run(cfg: Config, overrides: dict[str, Any], trial_name: str | None = None, trial_id: str | None = None,
+              folder: Path | None = None) -> Any:
+    """A W&B run for one trial (sweep trials and `pqfn trial` alike); None when W&B is disabled."""
     name = trial_name or "trial-" + "-".join(f"{k.split('.')[-1]}{v}" for k, v in sorted(overrides.items()))
     flat = flat_config(cfg) | {f"search.{k}": v for k, v in overrides.items()} | {"trial_id": trial_id}
-    return init_run(cfg, job_type="trial", name=name, config=flat)
+    return init_run(cfg, job_type="trial", name=name, config=flat, folder=folder)
 
 
 def summary_run(cfg: Config, sdir: Path, rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
