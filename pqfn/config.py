@@ -172,8 +172,8 @@ class SearchConfig(_Strict):
     num_samples: int = Field(0, ge=0)  # optuna: trials (0 -> 8); grid: repeats of the whole grid (0 -> 1)
     max_concurrent: int = Field(2, ge=1)
     seed: int = 0
-    # bruteforce: each configuration of a finite (all-choice) space at most once, in seeded random order
-    sampler: Literal["tpe", "random", "nsga2", "bruteforce"] = "tpe"
+    # shuffled-grid: each configuration of a finite (all-choice) space at most once, in seeded random order
+    sampler: Literal["tpe", "random", "nsga2", "shuffled-grid"] = "tpe"
     n_startup_trials: int = Field(4, ge=0)  # TPE random start-up trials (Optuna's default is 10)
     objective: Literal["gap", "multi"] = "gap"  # multi: maximise val/acc and minimise gap (NSGA-II)
     asha: AshaConfig = AshaConfig()
@@ -182,8 +182,8 @@ class SearchConfig(_Strict):
 
     @model_validator(mode="after")
     def _samples(self) -> SearchConfig:
-        if self.sampler == "bruteforce" and any(sp.choice is None for sp in self.space.values()):
-            raise ValueError("sampler bruteforce: expected only choice axes in search.space")
+        if self.sampler == "shuffled-grid" and any(sp.choice is None for sp in self.space.values()):
+            raise ValueError("sampler shuffled-grid: expected only choice axes in search.space")
         if self.num_samples == 0:
             object.__setattr__(self, "num_samples", 1 if self.type == "grid" else 8)
         return self
@@ -200,6 +200,9 @@ class SelectionConfig(_Strict):
 class ResourcesConfig(_Strict):
     cpus_per_trial: float = Field(1.0, gt=0)
     gpus_per_trial: float | None = Field(None, ge=0)  # None: 0.25 when GPUs exist, else 0
+    # true: output_dir and data.path are on a filesystem every node mounts at the same path
+    # (required when the cluster spans several hosts)
+    shared_storage: bool = False
 
 
 class WandbConfig(_Strict):

@@ -173,7 +173,8 @@ TRIAL_METRICS = ["train/acc", "val/acc", "gap/acc", "train/loss", "val/loss", "g
 
 def trial_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
     params = sorted({k for r in rows for k in r["params"]})
-    cols = ["trial_id", "status", *params, "epoch", *TRIAL_METRICS, "time_total_s", "node_ip", "error"]
+    cols = ["trial_id", "status", *params, "epoch", *TRIAL_METRICS, "time_total_s", "node_ip", "node_id",
+            "restored_from", "error"]
     # Parameters are written exactly (str of a float is its shortest exact repr); metrics to 6 digits.
     flat = [{k: v for k, v in r.items() if k not in ("params", "metrics")} | {k: str(v) for k, v in r["params"].items()}
             for r in rows]
@@ -189,7 +190,7 @@ def read_trials_csv(path: Path) -> list[dict[str, Any]]:
             for k, v in raw.items():
                 if k.startswith("trial."):
                     row["params"][k] = _num(v)
-                elif k not in ("trial_id", "status", "node_ip", "error"):
+                elif k not in ("trial_id", "status", "node_ip", "node_id", "error"):
                     row[k] = _num(v)
             rows.append(row)
     return rows

@@ -107,8 +107,9 @@ def build_tuner(cfg: Config, sdir: Path, state: dict[str, Any], trainable: Any) 
         multi = s.objective == "multi"
         if multi or s.sampler == "nsga2":
             sampler: Any = optuna.samplers.NSGAIISampler(seed=s.seed)
-        elif s.sampler == "bruteforce":
-            sampler = optuna.samplers.BruteForceSampler(seed=s.seed)
+        elif s.sampler == "shuffled-grid":
+            grid = {k: list(v.choice or []) for k, v in s.space.items()}
+            sampler = optuna.samplers.GridSampler(grid, seed=s.seed)  # random order, no repeats
         elif s.sampler == "random":
             sampler = optuna.samplers.RandomSampler(seed=s.seed)
         else:
@@ -184,7 +185,8 @@ def collect(results: Any) -> list[dict[str, Any]]:
             "trial_id": m.get("trial_id") or Path(r.path).name, "status": status,
             "params": trial_overrides(r.config or {}),
             "metrics": {k: v for k, v in m.items() if "/" in k or k in ("epoch", "epochs", "objective")},
-            "epoch": m.get("epoch", 0), "node_ip": m.get("node_ip", ""),
+            "epoch": m.get("epoch", 0), "node_ip": m.get("node_ip", ""), "node_id": m.get("node_id", ""),
+            "restored_from": m.get("restored_from", 0.0),
             "time_total_s": m.get("time_total_s", 0.0),
             "error": "" if r.error is None else str(r.error).strip().splitlines()[-1][:300],
         }
@@ -223,6 +225,7 @@ def run_sweep(cfg: Config, *, address: str | None = None, resume: bool = False, 
         ray.init(address=address or "local", include_dashboard=False, logging_level=logging.WARNING,
                  log_to_driver=True, configure_logging=True)
     try:
+        check_storage(cfg)
         trainable = make_trainable(cfg, data, holdout.pool)
         tuner, param_space = build_tuner(cfg, sdir, state, trainable)
         tune_path = str(sdir / "tune")
@@ -243,6 +246,19 @@ def run_sweep(cfg: Config, *, address: str | None = None, resume: bool = False, 
     (sdir / STATE).write_text(json.dumps(state, indent=2))
     summary_run(cfg, sdir, rows, summary)
     return summary
+
+
+def check_storage(cfg: Config) -> None:
+    """Results, checkpoints and the Optuna study must be reachable from every node."""
+    import ray
+
+    hosts = {n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}
+    if len(hosts) > 1 and not cfg.resources.shared_storage:
+        raise PqfnError(
+            f"output_dir {cfg.output_dir}: the cluster has nodes on {len(hosts)} hosts but this path is local to the "
+            "driver; put output_dir (and data.path) on a filesystem every node mounts at the same path and set "
+            "resources.shared_storage=true"
+        )
 
 
 def _fail_running(cfg: Config, sdir: Path, state: dict[str, Any]) -> None:

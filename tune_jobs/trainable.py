@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
 import torch
 from ray import tune
 
@@ -46,11 +47,15 @@ def run_trial(config: dict[str, Any], *, base: Config, data: Dataset, pool: np.n
             resume = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
 
     run = _wandb_run(cfg, config)
+    node_id = ray.get_runtime_context().get_node_id()
+    restored_from = float(resume["epoch"]) if resume else 0.0
 
     def on_epoch(rec: dict[str, float], cv: CrossValidation) -> None:
-        out = dict(rec)
+        out: dict[str, Any] = dict(rec)
         out["epochs"] = float(tc.epochs)
         out["objective"] = search_objective(rec, cfg.selection.gap_metric, cfg.selection.floor)
+        out["node_id"] = node_id  # which Ray node ran this epoch (node_ip is the same for nodes on one host)
+        out["restored_from"] = restored_from  # epoch of the checkpoint this run resumed from; 0 = fresh
         if run is not None:
             run.log(out, step=int(rec["epoch"]))
         last = cv.epoch >= tc.epochs

@@ -1,0 +1,135 @@
+"""A local multi-node Ray cluster on one workstation: `pqfn cluster up/down/env`.
+
+A head and N worker nodes, each a `ray start --block` process in its own session, with explicit
+ports, a private temp dir, the dashboard bound to 127.0.0.1, and Ray 2.60 token authentication
+(a token file of its own, passed to every process through RAY_AUTH_TOKEN_PATH). `down` stops
+exactly the process groups `up` started, never a machine-wide `ray stop`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from pqfn.errors import PqfnError
+
+STATE = "cluster.json"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def auth_env(token_path: Path) -> dict[str, str]:
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path)}
+
+
+def read_state(folder: Path) -> dict[str, Any] | None:
+    f = folder / STATE
+    return json.loads(f.read_text()) if f.exists() else None
+
+
+def _node_env(token: Path) -> dict[str, str]:
+    bin_dir = str(Path(sys.executable).parent)
+    # The cluster's own interpreter first on PATH: a job entrypoint's bare `python` then finds it.
+    return os.environ | auth_env(token) | {"PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+def _alive_nodes(gcs: str, env: dict[str, str]) -> int:
+    code = (f"import ray; ray.init(address={gcs!r}, logging_level='ERROR'); "
+            "print(sum(1 for n in ray.nodes() if n['Alive']))")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    return int(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 and r.stdout.strip() else 0
+
+
+def up(folder: Path, *, workers: int = 1, cpus_per_node: int = 1, gpus_per_node: int = 0, port: int = 6390,
+       dashboard_port: int = 8265, timeout: float = 120.0) -> dict[str, Any]:
+    """Start a head and `workers` worker nodes on 127.0.0.1; returns the state written to cluster.json."""
+    folder = folder.resolve()
+    old = read_state(folder)
+    if old and any(_alive(p) for p in old["pids"]):
+        raise PqfnError(f"{folder}: a local cluster is already up (pids {old['pids']}); run `pqfn cluster down` first")
+    folder.mkdir(parents=True, exist_ok=True)
+    token = folder / "auth_token"
+    if not token.exists():
+        token.write_text(secrets.token_hex(32))
+        token.chmod(0o600)
+    # Ray's socket paths must stay short (AF_UNIX limit), so the temp dir lives under /tmp.
+    temp = Path(tempfile.gettempdir()) / f"pqfn-ray-{hashlib.sha1(str(folder).encode()).hexdigest()[:8]}"
+    env = _node_env(token)
+    ray_exe = str(Path(sys.executable).parent / "ray")
+    common = ["--block", "--disable-usage-stats", "--node-ip-address=127.0.0.1", f"--num-cpus={cpus_per_node}",
+              f"--num-gpus={gpus_per_node}"]
+    gcs = f"127.0.0.1:{port}"
+    pids: list[int] = []
+    try:
+        log = (folder / "head.log").open("w")
+        head = subprocess.Popen(
+            [ray_exe, "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1",
+             f"--dashboard-port={dashboard_port}", "--include-dashboard=true", f"--temp-dir={temp}", *common],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        pids.append(head.pid)
+        deadline = time.time() + timeout
+        while _alive_nodes(gcs, env) < 1:
+            if head.poll() is not None or time.time() > deadline:
+                raise PqfnError(f"the head node did not start; see {folder / 'head.log'}")
+            time.sleep(1)
+        for i in range(workers):
+            wlog = (folder / f"worker{i + 1}.log").open("w")
+            w = subprocess.Popen([ray_exe, "start", f"--address={gcs}", *common], env=env, stdout=wlog,
+                                 stderr=subprocess.STDOUT, start_new_session=True)
+            pids.append(w.pid)
+        while _alive_nodes(gcs, env) < 1 + workers:
+            if time.time() > deadline:
+                raise PqfnError(f"worker nodes did not join within {timeout:.0f} s; see {folder}/worker*.log")
+            time.sleep(1)
+    except BaseException:
+        _stop(pids)
+        raise
+    state = {"pids": pids, "gcs_address": gcs, "dashboard": f"http://127.0.0.1:{dashboard_port}",
+             "token_path": str(token), "temp_dir": str(temp), "python": sys.executable, "nodes": 1 + workers}
+    (folder / STATE).write_text(json.dumps(state, indent=2))
+    return state
+
+
+def _stop(pids: list[int], grace: float = 20.0) -> list[int]:
+    """SIGTERM each started process group (a `ray start --block` stops its node's processes), then SIGKILL."""
+    for pid in reversed(pids):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGTERM)
+    deadline = time.time() + grace
+    while time.time() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.3)
+        for p in pids:  # reap our own children so they do not linger as zombies
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(p, os.WNOHANG)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+    return pids
+
+
+def down(folder: Path) -> list[int]:
+    folder = folder.resolve()
+    state = read_state(folder)
+    if state is None:
+        raise PqfnError(f"{folder}: no local cluster state ({STATE}); nothing to stop")
+    stopped = _stop(state["pids"])
+    (folder / STATE).unlink()
+    return stopped
