@@ -9,6 +9,7 @@ name is refused unless --overwrite.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -235,7 +236,20 @@ def run_sweep(cfg: Config, *, address: str | None = None, resume: bool = False, 
                                        resume_errored=False, param_space=param_space or None)
         elif resuming:
             _fail_running(cfg, sdir, state)
-        results = tuner.fit()
+        # Work from the sweep folder while Tune runs: inside a Ray Job the driver starts in the job's
+        # unpacked working_dir, which Ray may delete while the job runs (measured on Ray 2.60: gone
+        # before fit() started), and Tune resolves relative paths against the working directory.
+        try:
+            here: str | None = os.getcwd()
+        except FileNotFoundError:
+            here = None
+        os.chdir(sdir)
+        try:
+            results = tuner.fit()
+        finally:
+            if here is not None:
+                with contextlib.suppress(OSError):
+                    os.chdir(here)
         rows = collect(results)
         summary = write_sweep_outputs(sdir, cfg, rows, data, holdout, log=log)
     finally:
