@@ -20,9 +20,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr
 
 from pqfn.config import read_yaml, validate_as
 from pqfn.errors import ConfigError
@@ -35,26 +35,24 @@ class _Strict(BaseModel):
     _source: str = PrivateAttr("")  # the file it came from, for error messages
 
 
+def _finite_at_least(lo: float, strict: bool, what: str) -> Any:
+    def check(v: float) -> float:
+        if not math.isfinite(v) or v < lo or (strict and v == lo):
+            raise ValueError(f"expected a {what} {'>' if strict else '>='} {lo:g}")
+        return v
+
+    return AfterValidator(check)
+
+
+Positive = Annotated[float, _finite_at_least(0, True, "value")]
+
+
 class ThresholdSpec(_Strict):
-    threshold: float
+    threshold: Annotated[float, _finite_at_least(0, True, "threshold")]
     direction: Literal["larger_is_better", "smaller_is_better"] = "larger_is_better"
-    weight: float
+    weight: Annotated[float, _finite_at_least(0, False, "weight")]
     unit: str = "um"
     description: str = ""
-
-    @field_validator("threshold")
-    @classmethod
-    def _positive(cls, v: float) -> float:
-        if not v > 0 or not math.isfinite(v):
-            raise ValueError("expected a threshold > 0")
-        return v
-
-    @field_validator("weight")
-    @classmethod
-    def _weight(cls, v: float) -> float:
-        if not v >= 0 or not math.isfinite(v):
-            raise ValueError("expected a weight >= 0")
-        return v
 
 
 class Thresholds(_Strict):
@@ -65,15 +63,8 @@ class Thresholds(_Strict):
 
 
 class ValueSpec(_Strict):
-    value: float
+    value: Positive
     unit: str = "um"
-
-    @field_validator("value")
-    @classmethod
-    def _positive(cls, v: float) -> float:
-        if not v > 0 or not math.isfinite(v):
-            raise ValueError("expected a value > 0")
-        return v
 
 
 class Design(_Strict):
