@@ -202,6 +202,16 @@ def cmd_cluster(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(a: argparse.Namespace) -> int:
+    from pqfn.bench import bench
+
+    cfg = _load(a)
+    results = bench(cfg, a.settings, epochs=a.epochs, loader_workers=a.loader_workers,
+                    out=Path(a.out) if a.out else None)
+    print("summary: " + "; ".join(f"{r.setting} ratio {r.ratio:.2f}x" for r in results))
+    return 0
+
+
 def cmd_report(a: argparse.Namespace) -> int:
     from pqfn.report import regenerate
 
@@ -281,6 +291,18 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--port", type=int, default=6390, help="GCS port of the head")
     cl.add_argument("--dashboard-port", type=int, default=8265)
     cl.set_defaults(func=cmd_cluster)
+
+    b = sub.add_parser("bench", help="time pqfn's trial engine against a naive PyTorch DataLoader loop")
+    b.add_argument("config", help="the data to use, e.g. configs/paper.yaml (the study's 140 synthetic packages)")
+    b.add_argument("overrides", nargs="*", help="key.sub=value overrides applied before each setting")
+    b.add_argument("--settings", nargs="+", default=["paper", "quickstart"], choices=["paper", "quickstart", "config"],
+                   help="paper: 5 folds, 840 images, 100 px, batch 8; quickstart: 3 folds, 200 images, 64 px, "
+                        "batch 8; config: the config's own trial block (default: paper quickstart)")
+    b.add_argument("--epochs", type=int, default=3, help="epochs for both sides (default 3)")
+    b.add_argument("--loader-workers", type=int, default=None,
+                   help="DataLoader workers of the naive loop (default 0 on CPU, 4 on CUDA)")
+    b.add_argument("--out", help="also write the figures to this JSON file")
+    b.set_defaults(func=cmd_bench)
 
     r = sub.add_parser("report", help="regenerate a sweep's tables and plots from its results folder")
     r.add_argument("run_dir")

@@ -118,9 +118,20 @@ class TrialConfig(_Strict):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = Field(0, ge=0)  # torch CPU threads; 0 = leave torch's default
-    bf16: bool = False  # bf16 autocast (CPU and CUDA)
-    channels_last: bool = False
+    # bf16 autocast and channels-last memory format. auto: bf16 where the hardware computes it natively
+    # (CUDA with bf16 support; CPUs with AVX512-BF16 or AMX), channels_last always (`pqfn bench` measures both).
+    bf16: bool | Literal["auto"] = "auto"
+    channels_last: bool | Literal["auto"] = "auto"
     eval_batch_size: int = Field(256, ge=1)
+    # folds trained at once in threads; auto: on CPU as many as trial.threads (each on one thread), else 1
+    parallel_folds: int | Literal["auto"] = "auto"
+
+    @field_validator("parallel_folds")
+    @classmethod
+    def _parallel(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("expected auto or a whole number >= 1")
+        return v
 
     @field_validator("data_size")
     @classmethod

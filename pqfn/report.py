@@ -171,10 +171,13 @@ def plot_delamination_map(path: Path, table: list[dict[str, Any]]) -> None:
 TRIAL_METRICS = ["train/acc", "val/acc", "gap/acc", "train/loss", "val/loss", "gap/loss", "val/bal_acc", "objective"]
 
 
+MEMORY_METRICS = ("mem/rss_mb", "mem/private_mb", "mem/shared_mb")  # the trial process, last epoch
+
+
 def trial_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
     params = sorted({k for r in rows for k in r["params"]})
-    cols = ["trial_id", "status", *params, "epoch", *TRIAL_METRICS, "time_total_s", "node_ip", "node_id",
-            "restored_from", "error"]
+    cols = ["trial_id", "status", *params, "epoch", *TRIAL_METRICS, "time_total_s", *MEMORY_METRICS, "node_ip",
+            "node_id", "restored_from", "error"]
     # Parameters are written exactly (str of a float is its shortest exact repr); metrics to 6 digits.
     flat = [{k: v for k, v in r.items() if k not in ("params", "metrics")} | {k: str(v) for k, v in r["params"].items()}
             for r in rows]

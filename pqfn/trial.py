@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +37,21 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def use_bf16(cfg: TrialConfig, device: torch.device) -> bool:
+    """trial.bf16 resolved: auto = bf16 autocast where the device computes bf16 natively."""
+    if cfg.bf16 != "auto":
+        return bool(cfg.bf16)
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    if device.type == "cpu":
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+def use_channels_last(cfg: TrialConfig, device: torch.device) -> bool:
+    return True if cfg.channels_last == "auto" else bool(cfg.channels_last)
 
 
 class TrialImages:
@@ -67,12 +83,35 @@ def _to_input(x_uint8: torch.Tensor, channels_last: bool) -> torch.Tensor:
 def predict_logits(cfg: TrialConfig, model: torch.nn.Module, images: torch.Tensor, device: torch.device) -> torch.Tensor:
     """images (N, 1, r, r) uint8 -> logits (N, num_classes) float32, eval mode, never augmented."""
     model.eval()
+    bf16, cl = use_bf16(cfg, device), use_channels_last(cfg, device)
     out = []
     for s in range(0, len(images), cfg.eval_batch_size):
-        x = (_to_input(images[s : s + cfg.eval_batch_size].to(device), cfg.channels_last) - 0.5) / 0.25
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+        x = (_to_input(images[s : s + cfg.eval_batch_size].to(device), cl) - 0.5) / 0.25
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             out.append(model(x).float())
     return torch.cat(out)
+
+
+def make_optimizer(cfg: TrialConfig, model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    """The configured optimizer; the fused (one kernel for all parameters) implementation on CPU and CUDA."""
+    o = cfg.optimizer
+    params = model.parameters()
+    fused = device.type in ("cpu", "cuda")
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, fused=fused)
+    if o.name == "adam":
+        return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay, fused=fused)
+    return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, fused=fused)
+
+
+def fold_workers(cfg: TrialConfig, device: torch.device) -> int:
+    """How many folds train at once: on CPU one 1-thread fold per thread of the budget (faster than one
+    fold on all threads for small batches, see `pqfn bench`); on a GPU one at a time."""
+    if cfg.parallel_folds != "auto":
+        return min(int(cfg.parallel_folds), cfg.folds)
+    if device.type != "cpu":
+        return 1
+    return max(1, min(cfg.folds, cfg.threads or torch.get_num_threads()))
 
 
 class Learner:
@@ -80,19 +119,13 @@ class Learner:
 
     def __init__(self, cfg: TrialConfig, data: TrialImages, train_rows: torch.Tensor, seed: int, device: torch.device):
         self.cfg, self.data, self.train_rows, self.device = cfg, data, train_rows, device
+        self.bf16, self.channels_last = use_bf16(cfg, device), use_channels_last(cfg, device)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.model = build_model(cfg.model, cfg.pretrained).to(device)
-        if cfg.channels_last:
+        if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-        o = cfg.optimizer
-        params = self.model.parameters()
-        if o.name == "sgd":
-            self.opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
-        elif o.name == "adam":
-            self.opt = torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
-        else:
-            self.opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+        self.opt = make_optimizer(cfg, self.model, device)
         self.sched = (
             torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=cfg.epochs)
             if cfg.schedule == "cosine" else None
@@ -100,7 +133,7 @@ class Learner:
         self.gen = torch.Generator().manual_seed(seed)
 
     def _autocast(self) -> Any:
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
     def train_epoch(self) -> torch.Tensor:
         """One pass over the training rows in random order; returns the mean loss (a device tensor)."""
@@ -114,7 +147,7 @@ class Learner:
             rows = perm[s : s + cfg.batch_size]
             if len(rows) < 2:
                 break  # BatchNorm cannot train on a batch of one
-            x = _to_input(self.data.images[rows], cfg.channels_last)
+            x = _to_input(self.data.images[rows], self.channels_last)
             a = cfg.augment
             x = augment_batch(x, self.gen, a.rotation_deg, a.contrast, a.hflip)
             x = (x - 0.5) / 0.25
@@ -194,27 +227,40 @@ class CrossValidation:
             for k, f in enumerate(self.folds, start=1)
         ]
         self._eval_rows = [(self.data.rows(f.train_eval), self.data.rows(f.val)) for f in self.folds]
+        self.workers = fold_workers(cfg, self.device)
         self.epoch = 0
         self.history: list[dict[str, float]] = []
 
+    def _fold_epoch(self, k: int, threads: int) -> dict[str, float]:
+        if threads:
+            torch.set_num_threads(threads)  # per OS thread: a worker thread does not inherit the caller's
+        learner, (tr_rows, va_rows) = self.learners[k - 1], self._eval_rows[k - 1]
+        train_loss = learner.train_epoch().item()
+        if not np.isfinite(train_loss):
+            raise TrialError(
+                f"fold {k} epoch {self.epoch + 1}: training loss is {train_loss}; trial stopped "
+                f"(lower trial.optimizer.lr={self.cfg.optimizer.lr} or set trial.bf16=false)"
+            )
+        m = learner.measure(tr_rows, "train") | learner.measure(va_rows, "val")
+        bad = [name for name, v in m.items() if not np.isfinite(v)]
+        if bad:
+            raise TrialError(
+                f"fold {k} epoch {self.epoch + 1}: {bad[0]} is {m[bad[0]]}; trial stopped "
+                f"(the model diverged: lower trial.optimizer.lr={self.cfg.optimizer.lr})"
+            )
+        return with_gaps(m)
+
     def run_epoch(self) -> dict[str, float]:
         t0 = time.perf_counter()
-        per_fold = []
-        for k, (learner, (tr_rows, va_rows)) in enumerate(zip(self.learners, self._eval_rows, strict=True), start=1):
-            train_loss = learner.train_epoch().item()
-            if not np.isfinite(train_loss):
-                raise TrialError(
-                    f"fold {k} epoch {self.epoch + 1}: training loss is {train_loss}; trial stopped "
-                    f"(lower trial.optimizer.lr={self.cfg.optimizer.lr} or disable trial.bf16)"
-                )
-            m = learner.measure(tr_rows, "train") | learner.measure(va_rows, "val")
-            bad = [k for k, v in m.items() if not np.isfinite(v)]
-            if bad:
-                raise TrialError(
-                    f"fold {k} epoch {self.epoch + 1}: {bad[0]} is {m[bad[0]]}; trial stopped "
-                    f"(the model diverged: lower trial.optimizer.lr={self.cfg.optimizer.lr})"
-                )
-            per_fold.append(with_gaps(m))
+        folds = range(1, len(self.learners) + 1)
+        if self.workers > 1:
+            # Folds are independent (own model, optimizer, generator): the result does not depend on the order.
+            per_thread = max(1, (self.cfg.threads or torch.get_num_threads()) // self.workers)
+            with ThreadPoolExecutor(self.workers, thread_name_prefix="pqfn-fold") as ex:
+                futures = [ex.submit(self._fold_epoch, k, per_thread) for k in folds]
+                per_fold = [f.result() for f in futures]
+        else:
+            per_fold = [self._fold_epoch(k, 0) for k in folds]
         self.epoch += 1
         rec = {"epoch": float(self.epoch)} | aggregate(per_fold)
         rec["time/epoch_s"] = time.perf_counter() - t0

@@ -39,3 +39,12 @@ def tiny_ds(tiny_data_cfg: DataConfig) -> Dataset:
 def write_config(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

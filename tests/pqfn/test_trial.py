@@ -15,7 +15,7 @@ from pqfn.errors import TrialError
 from pqfn.metrics import FOLD_METRICS
 from pqfn.model import build_model
 from pqfn.splits import split_test
-from pqfn.trial import CrossValidation, cross_validate
+from pqfn.trial import CrossValidation, cross_validate, fold_workers
 from tests.tune_jobs.wandb_records import offline_runs
 
 TINY = dict(resolution=32, folds=2, epochs=2, data_size=40, batch_size=8, max_copies=10, device="cpu")
@@ -68,6 +68,20 @@ def test_resume_refuses_other_config(tiny_ds: Dataset, pool: np.ndarray) -> None
 def test_bf16_and_channels_last_run_on_cpu(tiny_ds: Dataset, pool: np.ndarray) -> None:
     res = cross_validate(TrialConfig(**(TINY | {"epochs": 1, "bf16": True, "channels_last": True})), tiny_ds, pool)
     assert np.isfinite(res.records[-1]["val/loss"])
+
+
+def test_folds_in_parallel_threads_give_the_same_trial(tiny_ds: Dataset, pool: np.ndarray) -> None:
+    one = TrialConfig(**(TINY | {"threads": 1, "parallel_folds": 1}))
+    two = TrialConfig(**(TINY | {"threads": 1, "parallel_folds": 2}))
+    cv = CrossValidation(two, tiny_ds, pool)
+    assert cv.workers == 2
+    a, b = cross_validate(one, tiny_ds, pool).records, cross_validate(two, tiny_ds, pool).records
+    for ra, rb in zip(a, b, strict=True):
+        assert {k: v for k, v in ra.items() if k != "time/epoch_s"} == {k: v for k, v in rb.items() if k != "time/epoch_s"}
+    # auto: one fold per thread on CPU, never more than the folds
+    assert fold_workers(TrialConfig(**(TINY | {"threads": 2})), torch.device("cpu")) == 2
+    assert fold_workers(TrialConfig(**(TINY | {"threads": 8})), torch.device("cpu")) == 2
+    assert fold_workers(TrialConfig(**(TINY | {"threads": 2})), torch.device("cuda")) == 1
 
 
 def test_bad_inputs(tiny_ds: Dataset, pool: np.ndarray) -> None:
