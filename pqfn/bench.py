@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,14 @@ from pqfn.data import Dataset
 from pqfn.errors import ConfigError
 from pqfn.metrics import fold_key
 from pqfn.splits import Fold, build_pool, make_folds
-from pqfn.trial import cross_validate, pick_device, use_bf16, use_channels_last
+from pqfn.trial import cross_validate, fold_workers, pick_device, use_bf16, use_channels_last
+
+# --ablate: each fast-path feature turned off alone
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "fp32 (bf16 off)": {"trial.bf16": False},
+    "contiguous (channels_last off)": {"trial.channels_last": False},
+    "one fold at a time": {"trial.parallel_folds": 1},
+}
 
 # The study's chosen configuration and the README quickstart's trial, as trial-key overrides.
 SETTINGS: dict[str, dict[str, Any]] = {
@@ -74,7 +81,10 @@ class BenchResult:
     ratio: float  # naive wall time / engine wall time
     engine_bf16: bool
     engine_channels_last: bool
+    engine_parallel_folds: int
     loader_workers: int
+    # --ablate: the engine's wall time with one fast-path feature turned off, relative to the full engine
+    ablation: dict[str, float] = field(default_factory=dict)
 
 
 def machine() -> dict[str, Any]:
@@ -228,7 +238,7 @@ def _side(wall: float, n_train: int, per_fold: list[dict[str, float]], peak: flo
 
 
 def run_setting(cfg: Config, name: str, overrides: dict[str, Any], ds: Dataset, files: np.ndarray,
-                pool: np.ndarray, *, epochs: int, loader_workers: int | None = None,
+                pool: np.ndarray, *, epochs: int, loader_workers: int | None = None, ablate: bool = False,
                 log: Any = print) -> BenchResult:
     trial_cfg = with_overrides(cfg, overrides | {"trial.epochs": epochs}, source=f"bench setting {name}").trial
     device = pick_device(trial_cfg.device)
@@ -259,15 +269,23 @@ def run_setting(cfg: Config, name: str, overrides: dict[str, Any], ds: Dataset, 
     k = trial_cfg.folds
     per_fold = [{m: res.final[fold_key(i, m)] for m in ("train/acc", "val/acc")} for i in range(1, k + 1)]
     b = _side(engine_wall, n_train, per_fold, peak[0])
-    bf16, cl = use_bf16(trial_cfg, device), use_channels_last(trial_cfg, device)
-    log(f"[{name}] engine (decoded once, on-device batches, bf16={bf16}, channels_last={cl}): "
+    bf16, cl, par = use_bf16(trial_cfg, device), use_channels_last(trial_cfg, device), fold_workers(trial_cfg, device)
+    log(f"[{name}] engine (decoded once, on-device batches, bf16={bf16}, channels_last={cl}, folds at once={par}): "
         f"{b.images_per_s:8.1f} img/s, {b.wall_s:7.1f} s, val/acc {b.val_acc:.3f} +- {b.val_acc_std:.3f}")
     ratio = naive_wall / engine_wall
     noise = float(np.hypot(a.val_acc_std, b.val_acc_std) / np.sqrt(k))
     log(f"[{name}] ratio {ratio:.2f}x; val/acc difference {b.val_acc - a.val_acc:+.3f} "
         f"(standard error of the difference from the fold spread: {noise:.3f})")
+    ablation: dict[str, float] = {}
+    if ablate:
+        for what, ov in ABLATIONS.items():
+            off = with_overrides(cfg, overrides | ov | {"trial.epochs": epochs}, source="bench ablation").trial
+            t0 = time.perf_counter()
+            cross_validate(off, ds, pool, device=device)
+            ablation[what] = (time.perf_counter() - t0) / engine_wall
+            log(f"[{name}] engine with {what}: {ablation[what]:.2f}x the full engine's time")
     return BenchResult(name, k, epochs, trial_cfg.data_size, trial_cfg.resolution, trial_cfg.batch_size, n_train,
-                       a, b, ratio, bf16, cl, workers)
+                       a, b, ratio, bf16, cl, par, workers, ablation)
 
 
 def file_paths(cfg: Config, ds: Dataset) -> np.ndarray:
@@ -285,7 +303,7 @@ def file_paths(cfg: Config, ds: Dataset) -> np.ndarray:
     return np.array([by_path[(p, t)] for p, t in zip(ds.paths, ds.is_test, strict=True)])
 
 
-def bench(cfg: Config, settings: list[str], *, epochs: int, loader_workers: int | None = None,
+def bench(cfg: Config, settings: list[str], *, epochs: int, loader_workers: int | None = None, ablate: bool = False,
           out: Path | None = None, log: Any = print) -> list[BenchResult]:
     from pqfn.data import load_dataset
     from pqfn.splits import split_test
@@ -302,7 +320,8 @@ def bench(cfg: Config, settings: list[str], *, epochs: int, loader_workers: int 
         "(cached on disk; shared by all trials of a sweep)")
     pool = split_test(ds, cfg.data.test_fraction, cfg.data.split_seed).pool
     files = file_paths(cfg, ds)
-    results = [run_setting(cfg, s, SETTINGS[s], ds, files, pool, epochs=epochs, loader_workers=loader_workers, log=log)
+    results = [run_setting(cfg, s, SETTINGS[s], ds, files, pool, epochs=epochs, loader_workers=loader_workers,
+                           ablate=ablate, log=log)
                for s in settings]
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)

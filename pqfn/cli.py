@@ -206,7 +206,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
     from pqfn.bench import bench
 
     cfg = _load(a)
-    results = bench(cfg, a.settings, epochs=a.epochs, loader_workers=a.loader_workers,
+    results = bench(cfg, a.settings, epochs=a.epochs, loader_workers=a.loader_workers, ablate=a.ablate,
                     out=Path(a.out) if a.out else None)
     print("summary: " + "; ".join(f"{r.setting} ratio {r.ratio:.2f}x" for r in results))
     return 0
@@ -301,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--epochs", type=int, default=3, help="epochs for both sides (default 3)")
     b.add_argument("--loader-workers", type=int, default=None,
                    help="DataLoader workers of the naive loop (default 0 on CPU, 4 on CUDA)")
+    b.add_argument("--ablate", action="store_true",
+                   help="also time the engine with each fast-path feature off (bf16, channels_last, parallel folds)")
     b.add_argument("--out", help="also write the figures to this JSON file")
     b.set_defaults(func=cmd_bench)
 

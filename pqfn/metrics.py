@@ -43,23 +43,36 @@ def aggregate(per_fold: list[dict[str, float]]) -> dict[str, float]:
 
 
 def process_memory_mb() -> dict[str, float]:
-    """This process's memory in MiB (Linux; {} elsewhere): resident, private to it, and shared with others.
+    """This process's memory in MiB (Linux; {} elsewhere): resident, private to it, shared with other
+    processes, and the part of it that maps Ray's object store (/dev/shm/plasma*).
 
-    A trial's data set arrives zero-copy from Ray's object store, so it shows up as shared, not private:
-    N concurrent trials on a node hold it once.
+    A trial's data set arrives zero-copy from the object store, so it shows up in mem/object_store_mb
+    (shared), not in mem/private_mb: N concurrent trials on a node hold it once.
     """
+    kb = {"Rss": 0, "Private": 0, "Shared": 0, "plasma": 0}
+    in_plasma = False
     try:
-        text = open("/proc/self/smaps_rollup").read()  # noqa: SIM115 - tiny read-only file
+        with open("/proc/self/smaps") as f:
+            for line in f:
+                head, _, rest = line.partition(" ")
+                if not head.endswith(":"):  # a mapping's header line: address range, perms, ..., path
+                    in_plasma = "plasma" in rest
+                    continue
+                if not rest.strip().endswith("kB"):
+                    continue
+                n = int(rest.split()[0])
+                if head == "Rss:":
+                    kb["Rss"] += n
+                    kb["plasma"] += n if in_plasma else 0
+                elif head in ("Private_Clean:", "Private_Dirty:"):
+                    kb["Private"] += n
+                elif head in ("Shared_Clean:", "Shared_Dirty:"):
+                    kb["Shared"] += n
     except OSError:
         return {}
-    kb: dict[str, int] = {}
-    for line in text.splitlines()[1:]:
-        parts = line.split()
-        if len(parts) >= 2 and parts[1].isdigit():
-            kb[parts[0].rstrip(":")] = int(parts[1])
-    mb = 1024.0
     return {
-        "mem/rss_mb": kb.get("Rss", 0) / mb,
-        "mem/private_mb": (kb.get("Private_Clean", 0) + kb.get("Private_Dirty", 0)) / mb,
-        "mem/shared_mb": (kb.get("Shared_Clean", 0) + kb.get("Shared_Dirty", 0)) / mb,
+        "mem/rss_mb": kb["Rss"] / 1024,
+        "mem/private_mb": kb["Private"] / 1024,
+        "mem/shared_mb": kb["Shared"] / 1024,
+        "mem/object_store_mb": kb["plasma"] / 1024,
     }

@@ -171,7 +171,7 @@ def plot_delamination_map(path: Path, table: list[dict[str, Any]]) -> None:
 TRIAL_METRICS = ["train/acc", "val/acc", "gap/acc", "train/loss", "val/loss", "gap/loss", "val/bal_acc", "objective"]
 
 
-MEMORY_METRICS = ("mem/rss_mb", "mem/private_mb", "mem/shared_mb")  # the trial process, last epoch
+MEMORY_METRICS = ("mem/rss_mb", "mem/private_mb", "mem/shared_mb", "mem/object_store_mb")  # the trial process, last epoch
 
 
 def trial_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:

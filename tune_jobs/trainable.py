@@ -57,7 +57,7 @@ def run_trial(config: dict[str, Any], *, base: Config, data: Dataset, pool: np.n
         out["objective"] = search_objective(rec, cfg.selection.gap_metric, cfg.selection.floor)
         out["node_id"] = node_id  # which Ray node ran this epoch (node_ip is the same for nodes on one host)
         out["restored_from"] = restored_from  # epoch of the checkpoint this run resumed from; 0 = fresh
-        out |= process_memory_mb()  # mem/rss_mb, mem/private_mb, mem/shared_mb (the data set is shared)
+        out |= process_memory_mb()  # mem/*: the data set maps the object store, shared
         if run is not None:
             run.log(out, step=int(rec["epoch"]))
         last = cv.epoch >= tc.epochs

@@ -27,7 +27,7 @@ def cfg(tiny_data_cfg: DataConfig) -> Config:
 def test_bench_runs_both_sides_on_the_same_trial(cfg: Config, tmp_path: Path) -> None:
     lines: list[str] = []
     out = tmp_path / "bench.json"
-    (r,) = bench(cfg, ["config"], epochs=2, out=out, log=lines.append)
+    (r,) = bench(cfg, ["config"], epochs=2, out=out, ablate=True, log=lines.append)
     assert r.folds == 2 and r.epochs == 2 and r.resolution == 32
     assert r.train_images == 2 * 2 * 20  # 40 images, 2 folds: 20 training images per fold, 2 epochs
     for side in (r.naive, r.engine):
@@ -35,6 +35,8 @@ def test_bench_runs_both_sides_on_the_same_trial(cfg: Config, tmp_path: Path) ->
         assert 0 <= side.val_acc <= 1 and 0 <= side.train_acc <= 1 and side.peak_rss_mb > 0
     assert r.ratio == pytest.approx(r.naive.wall_s / r.engine.wall_s)
     assert any(f"ratio {r.ratio:.2f}x" in line for line in lines)
+    assert set(r.ablation) == {"fp32 (bf16 off)", "contiguous (channels_last off)", "one fold at a time"}
+    assert all(v > 0 for v in r.ablation.values())
     saved = json.loads(out.read_text())
     assert saved["machine"]["torch"] == torch.__version__ and saved["results"][0]["ratio"] == r.ratio
 

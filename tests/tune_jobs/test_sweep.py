@@ -38,6 +38,7 @@ def test_optuna_sweep_end_to_end(tmp_path: Path, tiny_data_cfg: DataConfig, tiny
     assert len(rows) == 3 and {r["status"] for r in rows} == {"completed"}
     for r in rows:  # each trial's memory, split into its own and shared (the data set from the object store)
         assert 0 < float(r["mem/private_mb"]) < float(r["mem/rss_mb"]) and float(r["mem/shared_mb"]) > 0
+        assert 0 < float(r["mem/object_store_mb"]) <= float(r["mem/shared_mb"])
     study = _study(run)
     assert len(study.trials) == 3 and all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
     assert sorted((t.params["trial.resolution"], round(t.params["trial.optimizer.lr"], 9)) for t in study.trials) == sorted(
