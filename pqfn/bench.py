@@ -20,12 +20,9 @@ by every trial of a sweep and cached on disk) is timed separately.
 from __future__ import annotations
 
 import json
+import os
 import platform
-import resource
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +37,7 @@ from pqfn.data import Dataset
 from pqfn.errors import ConfigError
 from pqfn.metrics import fold_key
 from pqfn.splits import Fold, build_pool, make_folds
-from pqfn.trial import cross_validate, fold_workers, pick_device, use_bf16, use_channels_last
+from pqfn.trial import cross_validate, fold_workers, make_optimizer, pick_device, use_bf16, use_channels_last
 
 # --ablate: each fast-path feature turned off alone
 ABLATIONS: dict[str, dict[str, Any]] = {
@@ -64,7 +61,6 @@ class Side:
     val_acc: float  # mean over folds, last epoch
     val_acc_std: float
     train_acc: float
-    peak_rss_mb: float  # the process's resident memory, sampled while this side ran
 
 
 @dataclass
@@ -97,8 +93,6 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    import os
-
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
@@ -107,34 +101,6 @@ def machine() -> dict[str, Any]:
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
-
-
-def _rss_mb() -> float:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-    except OSError:
-        return float("nan")
-
-
-@contextmanager
-def rss_peak() -> Iterator[list[float]]:
-    """Samples this process's resident memory every 50 ms; yields a one-element list holding the peak."""
-    peak = [_rss_mb()]
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.wait(0.05):
-            peak[0] = max(peak[0], _rss_mb())
-
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
-    try:
-        yield peak
-    finally:
-        stop.set()
-        t.join()
-        peak[0] = max(peak[0], _rss_mb())
 
 
 # ------------------------------------------------------------------ the naive baseline
@@ -183,14 +149,7 @@ def _naive_fold(cfg: TrialConfig, files: np.ndarray, labels: np.ndarray, fold: F
 
     torch.manual_seed(cfg.seed * 1000 + k)
     model = build_model(cfg.model, cfg.pretrained).to(device)
-    o = cfg.optimizer
-    opt: torch.optim.Optimizer
-    if o.name == "sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
-    elif o.name == "adam":
-        opt = torch.optim.Adam(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
-    else:
-        opt = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+    opt = make_optimizer(cfg, model, device, fused=False)  # the stock per-parameter implementation
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs) if cfg.schedule == "cosine" else None
     train_dl, train_eval_dl, val_dl = loader(fold.train, True), loader(fold.train_eval, False), loader(fold.val, False)
 
@@ -223,22 +182,21 @@ def _naive_fold(cfg: TrialConfig, files: np.ndarray, labels: np.ndarray, fold: F
     return m
 
 
-def naive_trial(cfg: TrialConfig, ds: Dataset, files: np.ndarray, folds: list[Fold], device: torch.device,
+def naive_trial(cfg: TrialConfig, ds: Dataset, folds: list[Fold], device: torch.device,
                 workers: int) -> list[dict[str, float]]:
-    """The K folds one after another; returns each fold's last-epoch metrics."""
-    return [_naive_fold(cfg, files, ds.labels, f, k, device, workers) for k, f in enumerate(folds, start=1)]
+    """The K folds one after another, reading ds.files (never ds.images); each fold's last-epoch metrics."""
+    return [_naive_fold(cfg, ds.files, ds.labels, f, k, device, workers) for k, f in enumerate(folds, start=1)]
 
 
 # ------------------------------------------------------------------ the comparison
-def _side(wall: float, n_train: int, per_fold: list[dict[str, float]], peak: float) -> Side:
+def _side(wall: float, n_train: int, per_fold: list[dict[str, float]]) -> Side:
     va = np.array([m["val/acc"] for m in per_fold])
     tr = np.array([m["train/acc"] for m in per_fold])
     std = float(va.std(ddof=1)) if len(va) > 1 else 0.0  # as the engine's val/acc_std
-    return Side(wall, n_train / wall, float(va.mean()), std, float(tr.mean()), peak)
+    return Side(wall, n_train / wall, float(va.mean()), std, float(tr.mean()))
 
 
-def run_setting(cfg: Config, name: str, overrides: dict[str, Any], ds: Dataset, files: np.ndarray,
-                pool: np.ndarray, *, epochs: int, loader_workers: int | None = None, ablate: bool = False,
+def run_setting(cfg: Config, name: str, overrides: dict[str, Any], ds: Dataset, pool: np.ndarray, *, epochs: int, loader_workers: int | None = None, ablate: bool = False,
                 log: Any = print) -> BenchResult:
     trial_cfg = with_overrides(cfg, overrides | {"trial.epochs": epochs}, source=f"bench setting {name}").trial
     device = pick_device(trial_cfg.device)
@@ -252,23 +210,21 @@ def run_setting(cfg: Config, name: str, overrides: dict[str, Any], ds: Dataset, 
         f"{trial_cfg.resolution} px, batch {trial_cfg.batch_size}, {n_train} training images per side, on {device} "
         f"({torch.get_num_threads()} threads)")
 
-    with rss_peak() as peak:
-        t0 = time.perf_counter()
-        naive = naive_trial(trial_cfg, ds, files, folds, device, workers)
-        naive_wall = time.perf_counter() - t0
-    a = _side(naive_wall, n_train, naive, peak[0])
+    t0 = time.perf_counter()
+    naive = naive_trial(trial_cfg, ds, folds, device, workers)
+    naive_wall = time.perf_counter() - t0
+    a = _side(naive_wall, n_train, naive)
     log(f"[{name}] naive  (PIL + torchvision per sample, DataLoader workers={workers}, fp32): "
         f"{a.images_per_s:8.1f} img/s, {a.wall_s:7.1f} s, val/acc {a.val_acc:.3f} +- {a.val_acc_std:.3f}")
 
-    with rss_peak() as peak:
-        t0 = time.perf_counter()
-        res = cross_validate(trial_cfg, ds, pool, device=device)
-        engine_wall = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    res = cross_validate(trial_cfg, ds, pool, device=device)
+    engine_wall = time.perf_counter() - t0
     if not np.array_equal(res.entries, entries):
         raise AssertionError("bench: the engine drew another pool than the baseline")  # pragma: no cover
     k = trial_cfg.folds
     per_fold = [{m: res.final[fold_key(i, m)] for m in ("train/acc", "val/acc")} for i in range(1, k + 1)]
-    b = _side(engine_wall, n_train, per_fold, peak[0])
+    b = _side(engine_wall, n_train, per_fold)
     bf16, cl, par = use_bf16(trial_cfg, device), use_channels_last(trial_cfg, device), fold_workers(trial_cfg, device)
     log(f"[{name}] engine (decoded once, on-device batches, bf16={bf16}, channels_last={cl}, folds at once={par}): "
         f"{b.images_per_s:8.1f} img/s, {b.wall_s:7.1f} s, val/acc {b.val_acc:.3f} +- {b.val_acc_std:.3f}")
@@ -288,21 +244,6 @@ def run_setting(cfg: Config, name: str, overrides: dict[str, Any], ds: Dataset, 
                        a, b, ratio, bf16, cl, par, workers, ablation)
 
 
-def file_paths(cfg: Config, ds: Dataset) -> np.ndarray:
-    """Each data set row's image file, for the baseline that reads files (relative paths resolved)."""
-    from pqfn.data import read_folders, read_manifest
-
-    d = cfg.data
-    if d.source == "folders":
-        rows = read_folders(d.path, d)
-    else:
-        rows = read_manifest(d.path / "manifest.csv" if d.source == "synthetic" else d.path, d)
-    if d.test_manifest is not None:
-        rows += read_manifest(d.test_manifest, d, is_test=True)
-    by_path = {(r.path, r.is_test): str(r.file) for r in rows}
-    return np.array([by_path[(p, t)] for p, t in zip(ds.paths, ds.is_test, strict=True)])
-
-
 def bench(cfg: Config, settings: list[str], *, epochs: int, loader_workers: int | None = None, ablate: bool = False,
           out: Path | None = None, log: Any = print) -> list[BenchResult]:
     from pqfn.data import load_dataset
@@ -319,8 +260,7 @@ def bench(cfg: Config, settings: list[str], *, epochs: int, loader_workers: int 
     log(f"data: {len(ds)} images decoded once to {cfg.data.decode_size} px in {time.perf_counter() - t0:.1f} s "
         "(cached on disk; shared by all trials of a sweep)")
     pool = split_test(ds, cfg.data.test_fraction, cfg.data.split_seed).pool
-    files = file_paths(cfg, ds)
-    results = [run_setting(cfg, s, SETTINGS[s], ds, files, pool, epochs=epochs, loader_workers=loader_workers,
+    results = [run_setting(cfg, s, SETTINGS[s], ds, pool, epochs=epochs, loader_workers=loader_workers,
                            ablate=ablate, log=log)
                for s in settings]
     if out is not None:

@@ -41,6 +41,7 @@ class Dataset:
     cycles: np.ndarray  # (N,) int64, -1 when unknown
     paths: np.ndarray  # (N,) str, as given in the manifest or relative to the root folder
     is_test: np.ndarray  # (N,) bool: from a separate test manifest
+    files: np.ndarray  # (N,) str, the image file as opened (relative paths resolved against the manifest)
     has_package_ids: bool = True
 
     def __len__(self) -> int:
@@ -49,7 +50,7 @@ class Dataset:
     def subset(self, idx: np.ndarray) -> Dataset:
         return Dataset(
             self.images[idx], self.labels[idx], self.package_ids[idx], self.metallization[idx],
-            self.cycles[idx], self.paths[idx], self.is_test[idx], self.has_package_ids,
+            self.cycles[idx], self.paths[idx], self.is_test[idx], self.files[idx], self.has_package_ids,
         )
 
 
@@ -230,6 +231,7 @@ def load_dataset(cfg: DataConfig, *, cache: bool = True, log: bool = True) -> Da
         metallization=np.array([r.metallization for r in rows]),
         cycles=np.array([r.cycles for r in rows], np.int64),
         paths=np.array([r.path for r in rows]),
+        files=np.array([str(r.file) for r in rows]),
         is_test=np.array([r.is_test for r in rows], bool),
         has_package_ids=has_ids,
     )

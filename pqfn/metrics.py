@@ -42,6 +42,9 @@ def aggregate(per_fold: list[dict[str, float]]) -> dict[str, float]:
     return rec
 
 
+MEMORY_METRICS = ("mem/rss_mb", "mem/private_mb", "mem/shared_mb", "mem/object_store_mb")  # process_memory_mb's keys
+
+
 def process_memory_mb() -> dict[str, float]:
     """This process's memory in MiB (Linux; {} elsewhere): resident, private to it, shared with other
     processes, and the part of it that maps Ray's object store (/dev/shm/plasma*).
@@ -70,9 +73,4 @@ def process_memory_mb() -> dict[str, float]:
                     kb["Shared"] += n
     except OSError:
         return {}
-    return {
-        "mem/rss_mb": kb["Rss"] / 1024,
-        "mem/private_mb": kb["Private"] / 1024,
-        "mem/shared_mb": kb["Shared"] / 1024,
-        "mem/object_store_mb": kb["plasma"] / 1024,
-    }
+    return {name: kb[part] / 1024 for name, part in zip(MEMORY_METRICS, ("Rss", "Private", "Shared", "plasma"), strict=True)}

@@ -16,7 +16,7 @@ import numpy as np
 
 from pqfn.config import CLASS_NAMES, CLASSES
 from pqfn.data import Dataset
-from pqfn.metrics import FOLD_METRICS, fold_key
+from pqfn.metrics import FOLD_METRICS, MEMORY_METRICS, fold_key
 
 
 def atomic_write(path: Path, data: str | bytes) -> None:
@@ -169,9 +169,6 @@ def plot_delamination_map(path: Path, table: list[dict[str, Any]]) -> None:
 
 # ---------------------------------------------------------------- sweep outputs
 TRIAL_METRICS = ["train/acc", "val/acc", "gap/acc", "train/loss", "val/loss", "gap/loss", "val/bal_acc", "objective"]
-
-
-MEMORY_METRICS = ("mem/rss_mb", "mem/private_mb", "mem/shared_mb", "mem/object_store_mb")  # the trial process, last epoch
 
 
 def trial_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:

@@ -92,11 +92,13 @@ def predict_logits(cfg: TrialConfig, model: torch.nn.Module, images: torch.Tenso
     return torch.cat(out)
 
 
-def make_optimizer(cfg: TrialConfig, model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
-    """The configured optimizer; the fused (one kernel for all parameters) implementation on CPU and CUDA."""
+def make_optimizer(cfg: TrialConfig, model: torch.nn.Module, device: torch.device,
+                   fused: bool = True) -> torch.optim.Optimizer:
+    """The configured optimizer; by default the fused implementation (one kernel for all parameters, on CPU
+    and CUDA)."""
     o = cfg.optimizer
     params = model.parameters()
-    fused = device.type in ("cpu", "cuda")
+    fused = fused and device.type in ("cpu", "cuda")
     if o.name == "sgd":
         return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, fused=fused)
     if o.name == "adam":

@@ -175,7 +175,8 @@ class ProgressLines(_progress_base()):  # type: ignore[misc]
 
 def collect(results: Any) -> list[dict[str, Any]]:
     """ResultGrid -> one row per trial (its overrides, final metrics, status)."""
-    from pqfn.report import MEMORY_METRICS
+    from pqfn.metrics import MEMORY_METRICS
+    from pqfn.report import TRIAL_METRICS
     from pqfn.selection import COMPLETED, FAILED, STOPPED
     from tune_jobs.trainable import is_complete, trial_overrides
 
@@ -192,8 +193,7 @@ def collect(results: Any) -> list[dict[str, Any]]:
             "time_total_s": m.get("time_total_s", 0.0),
             "error": "" if r.error is None else str(r.error).strip().splitlines()[-1][:300],
         }
-        for k in ("train/acc", "val/acc", "train/loss", "val/loss", "val/bal_acc", "gap/acc", "gap/loss", "objective",
-                  *MEMORY_METRICS):
+        for k in (*TRIAL_METRICS, *MEMORY_METRICS):
             row[k] = m.get(k, float("nan"))
         rows.append(row)
     return sorted(rows, key=lambda r: r["trial_id"])
