@@ -13,6 +13,7 @@ import os
 import re
 import sys
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -262,3 +263,73 @@ def ensure_synthetic(cfg: DataConfig, log: bool = True) -> Path:
     stamp.write_text(json.dumps(want))  # before the images: the manifest, written last, marks completion
     generate(cfg.synthetic, cfg.path)
     return manifest
+
+
+# Ground-truth delamination masks (synthetic data sets; see pqfn/synth.py). They are read on demand for
+# the rows that need them, never decoded into the Dataset: only the localisation check uses them.
+MASK_COLUMN = "mask"
+
+
+def manifest_masks(manifest: Path) -> dict[Path, Path]:
+    """The manifest's `mask` column: resolved image file -> mask file ({} without that column)."""
+    try:
+        with manifest.open(newline="") as f:
+            reader = csv.DictReader(f)
+            if MASK_COLUMN not in (reader.fieldnames or []):
+                return {}
+            return {
+                (manifest.parent / r["path"].strip()).resolve(): manifest.parent / r[MASK_COLUMN].strip()
+                for r in reader if (r.get("path") or "").strip() and (r.get(MASK_COLUMN) or "").strip()
+            }
+    except OSError as e:
+        raise DataError(f"{manifest}: cannot read manifest ({e.strerror or e})") from None
+
+
+def _find_mask(file: Path, tables: dict[Path, dict[Path, Path]]) -> Path | None:
+    """The mask of one image: from the nearest manifest.csv above it that names it (tables caches them)."""
+    target = file.resolve()
+    for folder in target.parents:
+        manifest = folder / "manifest.csv"
+        if manifest not in tables:
+            tables[manifest] = manifest_masks(manifest) if manifest.is_file() else {}
+        if target in tables[manifest]:
+            return tables[manifest][target]
+    return None
+
+
+def load_masks(files: Dataset | Sequence[str | Path], size: int, *, manifest: Path | None = None) -> np.ndarray:
+    """Ground-truth masks of image files (or of a Dataset's rows) -> (N, size, size) uint8.
+
+    Values as written by pqfn synth: 0 none, 1 delaminated die pad, 2 delaminated bond pad. Resized by
+    area coverage: an output pixel is marked when any part of it covers a delaminated pixel (so a small
+    bond-pad patch survives a low resolution); a pixel covering both kinds is marked bond pad. The mask
+    of an image is found in `manifest` when given, else in the nearest manifest.csv above the image.
+    """
+    paths = [Path(f) for f in (files.files if isinstance(files, Dataset) else files)]
+    tables: dict[Path, dict[Path, Path]] = {}
+    if manifest is not None:
+        tables[manifest] = manifest_masks(manifest)
+    out = np.zeros((len(paths), size, size), np.uint8)
+    missing: list[str] = []
+    for i, f in enumerate(paths):
+        mask_file = tables[manifest].get(f.resolve()) if manifest is not None else None
+        mask_file = mask_file or _find_mask(f, tables)
+        if mask_file is None:
+            missing.append(str(f))
+            continue
+        try:
+            with Image.open(mask_file) as im:
+                m = np.asarray(im.convert("L"), np.uint8)
+        except (OSError, UnidentifiedImageError, ValueError) as e:
+            raise DataError(f"{mask_file}: cannot read mask ({type(e).__name__})") from None
+        for value in (1, 2):  # die pad first, so bond pad wins where both cover a pixel
+            plane = Image.fromarray((m == value).astype(np.float32))
+            if plane.size != (size, size):
+                plane = plane.resize((size, size), Image.Resampling.BOX)
+            out[i][np.asarray(plane) > 0] = value
+    if missing:
+        raise DataError(
+            f"no ground-truth mask for {len(missing)} image(s), e.g. {missing[0]}: masks come from a manifest's "
+            f"'{MASK_COLUMN}' column (pqfn synth writes them; regenerate a data set made before masks existed)"
+        )
+    return out

@@ -11,6 +11,12 @@ Imaging: mold compound with filler speckle, brighter metal pads under the mold, 
 (high-amplitude) delaminated patches, transducer blur, gain and contrast variation, small
 misalignment and rotation, scan-line noise. Geometry is defined at 400 px (~20 um per pixel,
 an ~8 mm package) and scaled to `image_size`.
+
+Every scan also gets its ground-truth mask, `masks/<metal>/<package>_c<cycles>.png` (the manifest's
+`mask` column): uint8, MASK_NONE where nothing is delaminated, MASK_DIE_PAD on delaminated die-pad
+pixels, MASK_BOND_PAD on delaminated bond-pad (lead) pixels, in the scan's own coordinates (the same
+misalignment and rotation, before blur). It is exactly what the label was derived from, so a D scan
+has an empty mask, A die-pad pixels only, B bond-pad only, C both.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ BOND_PROB = {"NiPdAu": 0.5, "Ag": 0.45, "Cu": 0.3}
 BOND_ONSET = {"NiPdAu": (200.0, 900.0), "Ag": (300.0, 1000.0), "Cu": (500.0, 1000.0)}
 # Mean pad amplitude under the mold per finish (Ag reflects a little more than NiPdAu, Cu less).
 PAD_LEVEL = {"Ag": 0.50, "NiPdAu": 0.46, "Cu": 0.42}
+MASK_NONE, MASK_DIE_PAD, MASK_BOND_PAD = 0, 1, 2  # values in the per-scan mask PNGs
 MIN_PIXELS = 6  # a delaminated region smaller than this (at 400 px) is not counted (or drawn)
 
 N_LEADS = 7  # per side
@@ -50,6 +57,7 @@ class ScanRecord:
     package_id: str
     metallization: str
     cycles: int
+    mask: str = ""  # the ground-truth mask PNG, relative to the data set folder
 
 
 def _smooth_field(rng: np.random.Generator, size: int, cells: int = 10) -> np.ndarray:
@@ -150,6 +158,14 @@ def _simulate_package(args: tuple[SynthConfig, str, str, int, str]) -> list[Scan
         centre = np.array([size / 2, size / 2])
         offset = centre - rot @ centre - shift
         scene = ndimage.affine_transform(scene, rot, offset=offset, order=1, mode="constant", cval=0.08)
+        # The mask under the same transform (nearest neighbour keeps the class values); it draws no
+        # random numbers, so the images stay bit-identical to those of a simulator without masks.
+        truth = np.zeros((size, size), np.uint8)
+        if die_on:
+            truth[die_delam] = MASK_DIE_PAD
+        if bond_on:
+            truth[bond_delam] = MASK_BOND_PAD  # leads and die pad never overlap
+        truth = ndimage.affine_transform(truth, rot, offset=offset, order=0, mode="constant", cval=MASK_NONE)
         # Transducer blur, mold filler speckle, gain and contrast, scan-line noise.
         speckle = ndimage.gaussian_filter(srng.standard_normal((size, size)).astype(np.float32), 0.7 * s)
         img = ndimage.gaussian_filter(scene, 1.4 * s) + noise * 1.8 * speckle
@@ -162,7 +178,9 @@ def _simulate_package(args: tuple[SynthConfig, str, str, int, str]) -> list[Scan
 
         rel = f"{metal}/{package_id}_c{cyc:04d}.png"
         Image.fromarray(arr).save(os.path.join(out_dir, rel), compress_level=1)
-        records.append(ScanRecord(rel, label, package_id, metal, cyc))
+        mask_rel = f"masks/{rel}"
+        Image.fromarray(truth).save(os.path.join(out_dir, mask_rel), compress_level=1)
+        records.append(ScanRecord(rel, label, package_id, metal, cyc, mask_rel))
     return records
 
 
@@ -175,6 +193,7 @@ def generate(cfg: SynthConfig, out_dir: str | Path, workers: int | None = None) 
         n = cfg.packages.get(metal, 0)  # type: ignore[call-overload]
         if n:
             (out / metal).mkdir(parents=True, exist_ok=True)
+            (out / "masks" / metal).mkdir(parents=True, exist_ok=True)
         for i in range(n):
             jobs.append((cfg, metal, f"{metal}-{i + 1:03d}", idx, str(out)))
             idx += 1
@@ -188,9 +207,9 @@ def generate(cfg: SynthConfig, out_dir: str | Path, workers: int | None = None) 
     tmp = out / "manifest.csv.tmp"
     with tmp.open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["path", "label", "package_id", "metallization", "cycles"])
+        w.writerow(["path", "label", "package_id", "metallization", "cycles", "mask"])
         for r in records:
-            w.writerow([r.path, r.label, r.package_id, r.metallization, r.cycles])
+            w.writerow([r.path, r.label, r.package_id, r.metallization, r.cycles, r.mask])
     tmp.replace(out / "manifest.csv")  # the manifest appears last: its presence means "complete"
     return records
 
