@@ -6,6 +6,7 @@ file (or the override), the key and what was expected.
 
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -14,6 +15,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pqfn.errors import ConfigError
+from pqfn.io import plain
+from pqfn.io import read_yaml as _read_yaml
 
 CLASSES: tuple[str, ...] = ("A", "B", "C", "D")
 CLASS_NAMES = {
@@ -294,53 +297,87 @@ def get_dotted(data: Any, key: str) -> Any:
     return data
 
 
-def _format_errors(err: ValidationError, source: str, overrides: dict[str, Any]) -> str:
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(plain(value))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _error_text(e: Any) -> str:
+    """One pydantic error -> 'key: what was expected (got value)'."""
+    loc = ".".join(str(x) for x in e["loc"])
+    msg = e["msg"]
+    if e["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    got = "" if e["type"] in ("extra_forbidden", "missing") else f" (got {_short(e.get('input'))})"
+    return f"{loc or '<top>'}: {msg}{got}"
+
+
+def _format_errors(err: ValidationError, source: str, overrides: dict[str, Any], label: str = "override") -> str:
+    """`label` says where the overrides came from: "override" is the command line, anything else
+    (a search-space point, the sweep's path fixing) is named as such, never as something the user typed."""
     parts = []
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"])
         src = source
         for k, v in overrides.items():
             if loc == k or loc.startswith(k + "."):
-                src = f"override {k}={v}"
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key"
-        elif msg.startswith("Value error, "):
-            msg = msg[len("Value error, ") :]
-        got = "" if e["type"] in ("extra_forbidden", "missing") else f" (got {e.get('input')!r})"
-        parts.append(f"{src}: {loc or '<top>'}: {msg}{got}")
+                shown = str(plain(v))[:60]  # as typed: trial.epochs=zero, not 'zero'
+                src = f"override {k}={shown}" if label == "override" else f"{label} ({k}={shown})"
+        parts.append(f"{src}: {_error_text(e)}")
     return "; ".join(parts)
 
 
-def validate_as(model: type[M], data: Any, source: str, overrides: dict[str, Any] | None = None) -> M:
+def validate_as(model: type[M], data: Any, source: str, overrides: dict[str, Any] | None = None,
+                label: str = "override") -> M:
     """Validate data as `model`; errors become one ConfigError line naming source and key."""
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format_errors(e, source, overrides or {})) from None
+        raise ConfigError(_format_errors(e, source, overrides or {}, label)) from None
 
 
-def validate(data: dict[str, Any], source: str, overrides: dict[str, Any] | None = None) -> Config:
-    return validate_as(Config, data, source, overrides)
+def validate(data: dict[str, Any], source: str, overrides: dict[str, Any] | None = None, label: str = "override") -> Config:
+    return validate_as(Config, data, source, overrides, label)
 
 
-def read_yaml(path: Path) -> dict[str, Any]:
-    """A YAML file holding a mapping; unreadable or malformed files give one clear ConfigError."""
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read file ({e.strerror or e})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}:{where} is not valid YAML ({getattr(e, 'problem', e)})") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(data).__name__}")
-    return data
+def read_yaml(path: Path, what: str = "YAML file") -> dict[str, Any]:
+    """A YAML file holding a mapping; unreadable, binary, non-UTF-8 or malformed files give one ConfigError."""
+    return _read_yaml(path, what, ConfigError)
+
+
+def check_search_values(cfg: Config, source: str, overrides: dict[str, Any] | None = None) -> None:
+    """Every value the search can propose (each choice, each bound, each axis value) must be a valid setting.
+
+    Checked when the file is loaded, so the message names the file and the search.space key the value
+    sits under, instead of surfacing later as an "override" the user never typed.
+    """
+    base = cfg.model_dump(mode="json")
+    proposals: list[tuple[str, str, Any]] = []  # (where in the file, trial key, value)
+    for key, spec in cfg.search.space.items():
+        if spec.choice is not None:
+            proposals += [(f"search.space.{key}.choice", key, v) for v in spec.choice]
+        for kind in ("uniform", "loguniform", "randint"):
+            bounds = getattr(spec, kind)
+            if bounds is not None:
+                proposals += [(f"search.space.{key}.{kind}", key, v) for v in bounds]
+    for i, axis in enumerate(cfg.search.axes):
+        proposals += [(f"search.axes[{i}].{key}", key, v) for key, values in axis.items() for v in values]
+    for where, key, value in proposals:
+        data = copy.deepcopy(base)
+        set_dotted(data, key, value)
+        try:
+            Config.model_validate(data)
+        except ValidationError as e:
+            src = source
+            for k, v in (overrides or {}).items():
+                if where == k or where.startswith((k + ".", k + "[")):
+                    src = f"override {k}={str(plain(v))[:60]}"
+            detail = _error_text(e.errors()[0])
+            if detail.startswith(key + ": "):  # the usual case: the value itself is out of range
+                detail = detail[len(key) + 2 :].rsplit(" (got ", 1)[0]
+            raise ConfigError(f"{src}: {where}: value {_short(value)} is not a valid {key}: {detail}") from None
 
 
 def load_config(path: str | Path, overrides: list[str] | dict[str, Any] | None = None) -> Config:
@@ -350,15 +387,36 @@ def load_config(path: str | Path, overrides: list[str] | dict[str, Any] | None =
     ov = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
     for k, v in ov.items():
         set_dotted(data, k, v)
-    return validate(data, str(path), ov)
+    cfg = validate(data, str(path), ov)
+    check_search_values(cfg, str(path), ov)
+    return cfg
 
 
-def with_overrides(cfg: Config, overrides: dict[str, Any], source: str = "search space") -> Config:
-    """A new Config with dotted keys replaced (used by the sweep for each trial)."""
+def with_overrides(cfg: Config, overrides: dict[str, Any], source: str = "search space point") -> Config:
+    """A new Config with dotted keys replaced (used by the sweep for each trial).
+
+    `source` names where the values came from in error messages (e.g. "search space point",
+    "--no-wandb"); they are never reported as command-line overrides.
+    """
     data = cfg.model_dump(mode="json")
     for k, v in overrides.items():
         set_dotted(data, k, v)
-    return validate(data, source, overrides)
+    return validate(data, source, overrides, label=source)
+
+
+# Every config key that holds a path. A Ray Job runs in a temporary copy of the project that Ray may
+# delete, and workers start in their own folders, so the driver and `pqfn submit` make these absolute.
+PATH_KEYS: tuple[str, ...] = ("output_dir", "data.path", "data.cache_dir", "data.test_manifest", "trial.pretrained")
+
+
+def absolutize_paths(cfg: Config) -> Config:
+    """The config with every path key (PATH_KEYS) absolute, resolved against the current folder (~ expanded)."""
+    ov: dict[str, Any] = {}
+    for key in PATH_KEYS:
+        p = get_dotted(cfg, key)
+        if p is not None:
+            ov[key] = str(Path(p).expanduser().resolve())
+    return with_overrides(cfg, ov, source="absolute paths")
 
 
 def dump_config(cfg: Config) -> str:

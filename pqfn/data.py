@@ -13,6 +13,7 @@ import os
 import re
 import sys
 import warnings
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,9 @@ from PIL import Image, UnidentifiedImageError
 
 from pqfn.config import CLASSES, DataConfig
 from pqfn.errors import DataError
+from pqfn.io import check_output_paths, read_csv
 
+# Files with other suffixes in class folders (notes, .DS_Store, exports) are not scans: skipped silently.
 IMAGE_SUFFIXES = {".png", ".bmp", ".tif", ".tiff", ".jpg", ".jpeg"}
 CACHE_VERSION = 1
 
@@ -80,32 +83,25 @@ def _label_index(value: str, cfg: DataConfig, where: str) -> int:
 
 
 def read_manifest(path: Path, cfg: DataConfig, is_test: bool = False) -> list[_Row]:
-    try:
-        f = path.open(newline="")
-    except OSError as e:
-        raise DataError(f"{path}: cannot read manifest ({e.strerror or e})") from None
-    with f:
-        reader = csv.DictReader(f)
-        cols = set(reader.fieldnames or [])
-        missing = {"path", "label"} - cols
-        if missing:
-            raise DataError(f"{path}: manifest lacks column(s) {sorted(missing)}; expected path,label[,package_id,metallization,cycles]")
-        rows = []
-        for i, r in enumerate(reader, start=2):
-            where = f"{path} line {i}"
-            if not r.get("path"):
-                raise DataError(f"{where}: empty path")
-            cyc_raw = (r.get("cycles") or "").strip()
-            try:
-                cyc = int(float(cyc_raw)) if cyc_raw else -1
-            except ValueError:
-                raise DataError(f"{where}: cycles {cyc_raw!r} is not a number") from None
-            rel = r["path"].strip()
-            rows.append(_Row(
-                file=(path.parent / rel), path=rel, label=_label_index(r["label"].strip(), cfg, where),
-                package_id=(r.get("package_id") or "").strip(), metallization=(r.get("metallization") or "").strip(),
-                cycles=cyc, is_test=is_test,
-            ))
+    # read_csv rejects binary, non-UTF-8 and ragged files with one line naming the file (and line)
+    table = read_csv(path, "manifest", required=("path", "label"), error=DataError,
+                     expected="path,label[,package_id,metallization,cycles]")
+    rows = []
+    for i, r in table:
+        where = f"{path} line {i}"
+        if not r["path"].strip():
+            raise DataError(f"{where}: empty path")
+        cyc_raw = (r.get("cycles") or "").strip()
+        try:
+            cyc = int(float(cyc_raw)) if cyc_raw else -1
+        except (ValueError, OverflowError):
+            raise DataError(f"{where}: cycles {cyc_raw!r} is not a number") from None
+        rel = r["path"].strip()
+        rows.append(_Row(
+            file=(path.parent / rel), path=rel, label=_label_index(r["label"].strip(), cfg, where),
+            package_id=(r.get("package_id") or "").strip(), metallization=(r.get("metallization") or "").strip(),
+            cycles=cyc, is_test=is_test,
+        ))
     if not rows:
         raise DataError(f"{path}: manifest has no rows")
     return rows
@@ -116,19 +112,43 @@ def read_folders(root: Path, cfg: DataConfig) -> list[_Row]:
         raise DataError(f"{root}: data.path is not a folder (data.source: folders expects one sub-folder per class)")
     rx = re.compile(cfg.package_regex) if cfg.package_regex else None
     rows = []
-    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
-        if sub.name not in CLASSES and sub.name not in cfg.class_map:
-            continue
+    ignored: list[str] = []  # not image files
+    unmatched: list[str] = []  # image files in which package_regex finds no package id
+    classes = [p for p in sorted(root.iterdir()) if p.is_dir() and (p.name in CLASSES or p.name in cfg.class_map)]
+    for sub in classes:
         label = _label_index(sub.name, cfg, str(sub))
         for file in sorted(p for p in sub.rglob("*") if p.is_file()):
+            rel = str(file.relative_to(root))
+            if file.suffix.lower() not in IMAGE_SUFFIXES:
+                ignored.append(rel)
+                continue
             pkg = ""
             if rx is not None:
                 m = rx.search(file.name)
                 if m:
-                    pkg = m.group("package") if "package" in rx.groupindex else m.group(1 if rx.groups else 0)
-            rows.append(_Row(file, str(file.relative_to(root)), label, pkg, "", -1, False))
-    if not rows:
+                    pkg = (m.group("package") if "package" in rx.groupindex else m.group(1 if rx.groups else 0)) or ""
+                if not pkg:
+                    unmatched.append(rel)
+            rows.append(_Row(file, rel, label, pkg, "", -1, False))
+    if not classes:
         raise DataError(f"{root}: no class folders found; expected sub-folders {list(CLASSES)} or names in data.class_map")
+    if not rows:
+        also = f" ({len(ignored)} other file(s) ignored, e.g. {ignored[0]})" if ignored else ""
+        raise DataError(f"{root}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in the class folders{also}")
+    if rx is not None and unmatched:
+        if len(unmatched) == len(rows):
+            # Silently making every image its own group would leak scans of one package across folds.
+            raise DataError(
+                f"data.package_regex {cfg.package_regex!r} finds no package id in any of the {len(rows)} image file "
+                f"names, e.g. {Path(unmatched[0]).name!r}; expected a pattern whose group `package` (or group 1) "
+                "captures the package id, e.g. '(?P<package>P\\d+)_'"
+            )
+        warnings.warn(
+            f"data.package_regex {cfg.package_regex!r} finds no package id in {len(unmatched)} of {len(rows)} image "
+            f"file names (e.g. {Path(unmatched[0]).name!r}): each of those is its own group, so scans of one "
+            "package may land in different folds (leakage)",
+            stacklevel=3,
+        )
     return rows
 
 
@@ -179,6 +199,9 @@ def _decode_all(rows: list[_Row], cfg: DataConfig) -> tuple[np.ndarray, list[int
 
 def load_dataset(cfg: DataConfig, *, cache: bool = True, log: bool = True) -> Dataset:
     """Read the configured source (generating the synthetic set on first use) and decode it once."""
+    cache_dir = cfg.cache_dir or default_cache_dir()
+    if cache:  # before any decoding: a cache path that cannot be a folder must not cost a full decode first
+        check_output_paths(folders={"data.cache_dir": cache_dir})
     if cfg.source == "synthetic":
         rows = read_manifest(ensure_synthetic(cfg, log=log), cfg)
     elif cfg.source == "manifest":
@@ -188,7 +211,6 @@ def load_dataset(cfg: DataConfig, *, cache: bool = True, log: bool = True) -> Da
     if cfg.test_manifest is not None:
         rows += read_manifest(cfg.test_manifest, cfg, is_test=True)
 
-    cache_dir = cfg.cache_dir or default_cache_dir()
     key = _cache_key(rows, cfg)
     cache_file = cache_dir / f"decoded-{key}.npz"
     images: np.ndarray | None = None
@@ -198,17 +220,22 @@ def load_dataset(cfg: DataConfig, *, cache: bool = True, log: bool = True) -> Da
         try:
             with np.load(cache_file) as z:
                 images, kept, bad = z["images"], list(z["kept"]), json.loads(str(z["bad"]))
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
             images = None  # a damaged cache is rebuilt, never trusted
     if images is None:
         if log:
             print(f"pqfn: decoding {len(rows)} images to {cfg.decode_size} px ...", file=sys.stderr)
         images, kept, bad = _decode_all(rows, cfg)
         if cache:
-            cache_dir.mkdir(parents=True, exist_ok=True)
             tmp = cache_file.with_suffix(f".{os.getpid()}.tmp.npz")
-            np.savez(tmp, images=images, kept=np.array(kept, np.int64), bad=json.dumps(bad))
-            tmp.replace(cache_file)
+            try:
+                cache_dir.mkdir(parents=True, exist_ok=True)
+                np.savez(tmp, images=images, kept=np.array(kept, np.int64), bad=json.dumps(bad))
+                tmp.replace(cache_file)
+            except OSError as e:  # the cache only saves time: a full disk must not lose the decoded data
+                tmp.unlink(missing_ok=True)
+                warnings.warn(f"data.cache_dir {cache_dir}: cannot write the decoded cache ({e.strerror or e}); "
+                              "continuing without it", stacklevel=2)
     if bad:
         listing = ", ".join(bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
         if cfg.strict:
@@ -219,10 +246,18 @@ def load_dataset(cfg: DataConfig, *, cache: bool = True, log: bool = True) -> Da
     rows = [rows[i] for i in kept]
 
     has_ids = all(r.package_id for r in rows)
-    if not has_ids:
+    no_id = [r for r in rows if not r.package_id]
+    # Where the ids come from decides the advice; with package_regex set, read_folders has already said
+    # how many file names it did not match, so only test-manifest rows are left to mention here.
+    hints = []
+    if any(not r.is_test for r in no_id) and not (cfg.source == "folders" and cfg.package_regex):
+        hints.append("set data.package_regex" if cfg.source == "folders" else f"add a package_id column to {cfg.path}")
+    if any(r.is_test for r in no_id):
+        hints.append(f"add a package_id column to {cfg.test_manifest} (data.test_manifest)")
+    if hints:
         warnings.warn(
-            "some images have no package id: each such image is its own group, so scans of one package may "
-            "land in different folds (leakage). Add a package_id column to the manifest or set data.package_regex.",
+            f"{len(no_id)} image(s) have no package id, e.g. {no_id[0].path}: each such image is its own group, so "
+            f"scans of one package may land in different folds (leakage). To fix it, {' and '.join(hints)}.",
             stacklevel=2,
         )
     return Dataset(
@@ -242,6 +277,7 @@ def ensure_synthetic(cfg: DataConfig, log: bool = True) -> Path:
     """Generate the synthetic set into cfg.path unless a complete one with the same settings is there."""
     from pqfn.synth import generate
 
+    check_output_paths(folders={"data.path": cfg.path})  # the set is generated into it
     manifest = cfg.path / "manifest.csv"
     stamp = cfg.path / "synth.json"
     want = cfg.synthetic.model_dump(mode="json")

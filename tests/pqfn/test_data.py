@@ -34,7 +34,7 @@ def test_folders_all_formats_mixed_sizes(tmp_path: Path) -> None:
     with pytest.warns(SkippedImagesWarning) as rec:
         ds = load_dataset(cfg, log=False)
     msg = str(rec[0].message)
-    assert "2 unreadable" in msg and "P06_c0.png" in msg and "notes.txt" in msg
+    assert "1 unreadable" in msg and "P06_c0.png" in msg and "notes.txt" not in msg  # not an image: skipped
     assert ds.images.shape == (5, 32, 32) and ds.images.dtype == np.uint8
     assert list(ds.labels) == [0, 0, 1, 2, 3]
     assert list(ds.package_ids) == ["P01", "P02", "P03", "P04", "P05"]
@@ -45,7 +45,7 @@ def test_folders_all_formats_mixed_sizes(tmp_path: Path) -> None:
 def test_strict_mode_is_an_error(tmp_path: Path) -> None:
     root = _folder_set(tmp_path / "scans")
     cfg = DataConfig(source="folders", path=root, decode_size=32, strict=True, cache_dir=tmp_path / "c")
-    with pytest.raises(DataError, match="2 unreadable image"):
+    with pytest.raises(DataError, match="1 unreadable image"):
         load_dataset(cfg, log=False)
 
 

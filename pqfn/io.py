@@ -1,0 +1,199 @@
+"""Guarded readers and the output-path check: whatever a user feeds in becomes one PqfnError line.
+
+Every file a user can hand to pqfn (config and DFI YAML, manifests, trials.csv, cluster.json,
+checkpoints) is read through one of these, so a binary, truncated, half-written or non-UTF-8 file
+is reported as "<file>: <what is wrong>; expected <what>" instead of a traceback. Output folders
+and files are checked by `check_output_paths` BEFORE any work starts (decoding, training, printing),
+so a misplaced path fails in a second, not after the expensive part, and nothing is written.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pqfn.errors import PqfnError
+
+
+def plain(value: Any) -> Any:
+    """numpy scalars -> Python values, so messages read 'P00' and 4, not np.str_('P00') and np.int64(4)."""
+    if type(value).__module__ == "numpy" and hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, set | frozenset):
+        return sorted((plain(v) for v in value), key=str)
+    if isinstance(value, list | tuple):
+        return type(value)(plain(v) for v in value)
+    if isinstance(value, dict):
+        return {plain(k): plain(v) for k, v in value.items()}
+    return value
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
+def read_text(path: Path, what: str, error: type[PqfnError] = PqfnError) -> str:
+    """A UTF-8 text file (a BOM is allowed). Missing, unreadable, binary or wrongly encoded -> `error`."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise error(f"{path}: cannot read {what} ({e.strerror or e})") from None
+    if b"\x00" in raw[:8192]:
+        # NUL bytes never occur in YAML, CSV or JSON text; this is an image, an archive, a checkpoint...
+        raise error(f"{path}: is a binary file, not a {what} (expected UTF-8 text)")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise error(f"{path}: line {line}: byte 0x{raw[e.start]:02x} is not UTF-8 text; expected a {what} "
+                    "saved as UTF-8") from None
+
+
+def read_yaml(path: Path, what: str = "YAML file", error: type[PqfnError] = PqfnError) -> dict[str, Any]:
+    """A YAML file holding a mapping at the top level (an empty file is an empty mapping)."""
+    import yaml
+
+    text = read_text(path, what, error)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise error(f"{path}:{where} is not valid YAML ({getattr(e, 'problem', None) or _first_line(e)})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a mapping of keys at the top level, got {type(data).__name__}")
+    return data
+
+
+def read_json(path: Path, what: str = "JSON file", error: type[PqfnError] = PqfnError) -> Any:
+    text = read_text(path, what, error)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        cut = " (the file ends early: it may be half-written)" if e.pos >= len(text.rstrip()) else ""
+        raise error(f"{path}: line {e.lineno} column {e.colno}: not valid JSON ({e.msg}){cut}; expected a {what}") from None
+
+
+@dataclass(frozen=True)
+class CsvTable:
+    path: Path
+    columns: list[str]
+    rows: list[tuple[int, dict[str, str]]]  # (line number in the file, {column: cell})
+
+    def __iter__(self) -> Iterator[tuple[int, dict[str, str]]]:
+        return iter(self.rows)
+
+
+def read_csv(path: Path, what: str, required: tuple[str, ...] = (), error: type[PqfnError] = PqfnError,
+             expected: str = "") -> CsvTable:
+    """A CSV with a header row. Every row must have exactly the header's number of cells.
+
+    `required` columns must be in the header; `expected` describes the layout for the message.
+    Blank lines are skipped. Line numbers count physical lines, as an editor shows them.
+    """
+    text = read_text(path, what, error)
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader, None)
+        if header is None:
+            raise error(f"{path}: is empty; expected a {what} with a header row" + (f" ({expected})" if expected else ""))
+        header = [h.strip() for h in header]
+        missing = [c for c in required if c not in header]
+        if missing:
+            raise error(f"{path}: {what} lacks column(s) {missing}" + (f"; expected {expected}" if expected else ""))
+        dup = sorted({h for h in header if header.count(h) > 1})
+        if dup:
+            raise error(f"{path}: column(s) {dup} appear more than once in the header")
+        rows = []
+        line = reader.line_num
+        for cells in reader:
+            start, line = line + 1, reader.line_num
+            if not cells or all(not c.strip() for c in cells):
+                continue
+            if len(cells) != len(header):
+                raise error(f"{path} line {start}: {len(cells)} cell(s) where the header has {len(header)}; "
+                            f"expected a {what} row (the file may be damaged or half-written)")
+            rows.append((start, dict(zip(header, cells, strict=True))))
+    except csv.Error as e:
+        raise error(f"{path} line {reader.line_num}: not a valid CSV row ({e}); expected a {what}") from None
+    return CsvTable(path, header, rows)
+
+
+def load_checkpoint(path: Path, required: tuple[str, ...] = (), error: type[PqfnError] = PqfnError) -> dict[str, Any]:
+    """A torch checkpoint (a dict). Truncated, zeroed or foreign files -> one `error` line naming the file.
+
+    A run killed mid-write or a full disk leaves exactly such files; torch reports them as
+    UnpicklingError, EOFError, RuntimeError (zip), KeyError and more, so every failure is caught.
+    """
+    import torch
+
+    if not path.is_file():
+        raise error(f"{path}: no checkpoint to resume from")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - torch.load fails in many ways on a damaged file; all mean the same
+        raise error(f"{path}: damaged checkpoint, cannot be read ({type(e).__name__}: {_first_line(e)}); "
+                    "the run cannot resume from it") from None
+    if not isinstance(state, dict) or any(k not in state for k in required):
+        lacks = [k for k in required if not isinstance(state, dict) or k not in state]
+        raise error(f"{path}: not a pqfn checkpoint (lacks {lacks or 'a dict of state'}); the run cannot resume from it")
+    return state
+
+
+# ---------------------------------------------------------------- output paths
+def _nearest_existing(p: Path) -> Path:
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def check_output_paths(folders: Mapping[str, Path | None] | None = None,
+                       files: Mapping[str, Path | None] | None = None) -> None:
+    """Check, before any work, that outputs can be written. Keys name the setting for the message.
+
+    folders: {"output_dir": Path(...)}: must be a folder or creatable (no file on the way, writable).
+    files: {"--plot": Path(...)}: its folder must already exist (a typo'd folder is not created
+    silently) and the path itself must not be a folder. None values are skipped.
+    """
+    for key, p in (folders or {}).items():
+        if p is None:
+            continue
+        p = Path(p).expanduser()
+        if p.exists() and not p.is_dir():
+            raise PqfnError(f"{key} {p}: is a file, expected a folder")
+        base = _nearest_existing(p.absolute())
+        if not base.is_dir():
+            raise PqfnError(f"{key} {p}: {base} is a file, so this folder cannot be created")
+        if not os.access(base, os.W_OK | os.X_OK):
+            raise PqfnError(f"{key} {p}: {base} is not writable")
+    for key, p in (files or {}).items():
+        if p is None:
+            continue
+        p = Path(p).expanduser()
+        parent = p.absolute().parent
+        if p.is_dir():
+            raise PqfnError(f"{key} {p}: is a folder, expected a file name")
+        if not parent.exists():
+            raise PqfnError(f"{key} {p}: folder {p.parent} does not exist")
+        if not parent.is_dir():
+            raise PqfnError(f"{key} {p}: {p.parent} is a file, not a folder")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise PqfnError(f"{key} {p}: folder {p.parent} is not writable")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temporary name, then rename: a crash never leaves a half-written file behind."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
