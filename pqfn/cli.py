@@ -232,6 +232,47 @@ def cmd_dfi(a: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- predict, export
+def cmd_predict(a: argparse.Namespace) -> int:
+    from pqfn.bundle import load_bundle
+    from pqfn.predict import predict, summary_path, write_csv
+
+    out = Path(a.out)
+    summary = summary_path(out)
+    for f in (out, summary):
+        if f.exists() and not a.overwrite:
+            raise PqfnError(f"{f}: already exists; pass --overwrite to replace it")
+    bundle = load_bundle(a.bundle)
+    res = predict(bundle, a.inputs, batch=a.batch, device=a.device, adjust=False if a.raw else None,
+                  explain_dir=a.explain, progress=True)
+    write_csv(out, res.rows)
+    counts = ", ".join(f"{c}={sum(r['predicted'] == c for r in res.rows)}" for c in bundle.classes)
+    how = "prior-adjusted" if res.adjusted else "raw (no prior adjustment)"
+    print(f"classified {len(res.rows)} images in {res.seconds:.1f} s ({res.images_per_s:.1f} images/s, decoding "
+          f"included); probabilities {how}; predicted {counts}")
+    acc = res.accuracy()
+    if acc is not None:
+        print(f"against the manifest labels: accuracy {acc['accuracy']:.3f}, balanced accuracy {acc['balanced_accuracy']:.3f}")
+    print(f"predictions: {out}")
+    if res.summary:
+        write_csv(summary, res.summary)
+        print(f"per-package summary: {summary}")
+    else:
+        print("no package ids (give a manifest with a package_id column): no per-package summary")
+    if a.explain:
+        print(f"Grad-CAM overlays: {a.explain}")
+    return 0
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from pqfn.export import export_onnx
+
+    out = export_onnx(a.bundle, Path(a.onnx), opset=a.opset, overwrite=a.overwrite)
+    print(f"ONNX model: {out} (opset {a.opset}, dynamic batch); preprocessing: "
+          f"{out.with_name(out.stem + '.preprocessing.json')}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pqfn", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -316,6 +357,25 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--format", choices=["table", "json"], default="table")
     d.add_argument("--plot", help="write C_n against the ratio with the design's parameters marked")
     d.set_defaults(func=cmd_dfi)
+
+    pr = sub.add_parser("predict", help="classify new scans with a model bundle (probabilities, per-package summary)")
+    pr.add_argument("bundle", help="a model bundle folder (bundle.json, model.safetensors)")
+    pr.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) or manifest CSVs")
+    pr.add_argument("--out", default="predictions.csv",
+                    help="predictions CSV (default predictions.csv); the summary goes to <stem>_packages.csv")
+    pr.add_argument("--explain", metavar="DIR", help="write a Grad-CAM overlay PNG per image into DIR")
+    pr.add_argument("--batch", type=int, default=64, help="images per batch (default 64)")
+    pr.add_argument("--raw", action="store_true", help="predict without the bundle's class-prior adjustment")
+    pr.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    pr.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    pr.set_defaults(func=cmd_predict)
+
+    ex = sub.add_parser("export", help="export a model bundle to ONNX (dynamic batch, preprocessing note)")
+    ex.add_argument("bundle", help="a model bundle folder")
+    ex.add_argument("--onnx", required=True, metavar="FILE", help="the ONNX file to write")
+    ex.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing ONNX file")
+    ex.set_defaults(func=cmd_export)
     return p
 
 

@@ -1,0 +1,104 @@
+"""Export a bundle's model to ONNX for an inspection line: `pqfn export BUNDLE --onnx FILE`.
+
+The graph takes the resized scan as float32 pixel values and does the rest itself:
+
+    input  "image"          float32 (batch, 1, r, r), grayscale pixel values 0..255 after the resize
+    output "logits"         float32 (batch, 4), raw (equal-prior) logits, classes A, B, C, D
+    output "probabilities"  float32 (batch, 4), softmax of the logits, prior-adjusted when the bundle
+                            applies its priors by default (logits + strength * log(priors))
+
+The batch axis is dynamic. Decoding and resizing stay outside the graph (image formats and resamplers
+differ per line); they are written to <FILE stem>.preprocessing.json next to the model and to the
+model's metadata (key "pqfn"). Exported with torch.onnx's dynamo exporter (onnxscript).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pqfn.bundle import MEAN, STD, Bundle, load_bundle
+from pqfn.errors import PqfnError
+
+DEFAULT_OPSET = 18  # the dynamo exporter's native opset; lower ones go through onnx's version converter
+
+
+class _Deployable(nn.Module):
+    """Normalisation + model + prior adjustment + softmax, as one graph."""
+
+    def __init__(self, model: nn.Module, log_prior: np.ndarray | None):
+        super().__init__()
+        self.model = model
+        # (1, classes) added to the logits; zeros when no adjustment applies
+        shift = np.zeros(4) if log_prior is None else log_prior
+        self.register_buffer("shift", torch.as_tensor(shift, dtype=torch.float32)[None, :])
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model((image / 255.0 - MEAN) / STD)
+        return logits, torch.softmax(logits + self.shift, dim=-1)
+
+
+def preprocessing_note(b: Bundle, onnx_file: Path, opset: int) -> dict[str, Any]:
+    r = b.preprocessing.resolution
+    return {
+        "model": onnx_file.name,
+        "opset": opset,
+        "bundle": str(b.folder),
+        "bundle_sha256": b.info["files"],
+        "data_fingerprint": b.fingerprint,
+        "classes": list(b.classes),
+        "input": {"name": "image", "dtype": "float32", "shape": ["batch", 1, r, r],
+                  "values": "grayscale pixel values 0..255 after the resize (normalisation is inside the graph)"},
+        "outputs": {
+            "logits": "raw logits (batch, classes), trained at equal class priors",
+            "probabilities": ("softmax(logits + prior_strength * log(priors))" if b.adjusts else "softmax(logits)"),
+        },
+        "priors": None if b.priors is None else b.priors.tolist(),
+        "prior_strength": b.prior_strength if b.adjusts else 0.0,
+        "preprocessing": b.preprocessing.describe()["steps"][:3],
+        "normalisation_in_graph": f"(image / 255 - {MEAN}) / {STD}",
+    }
+
+
+def export_onnx(bundle: Bundle | Path | str, out: Path | str, *, opset: int = DEFAULT_OPSET,
+                overwrite: bool = False) -> Path:
+    """Verify the bundle, export its model to `out` (ONNX) with a dynamic batch, write the preprocessing
+    note beside it; returns the ONNX path. The bundle's checks refuse altered or missing files."""
+    import onnx
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise PqfnError(f"{out}: already exists; pass --overwrite to replace it")
+    b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+    log_prior = np.log(b.priors) * b.prior_strength if (b.adjusts and b.priors is not None) else None
+    net = _Deployable(b.model.float().eval(), log_prior).eval()
+    r = b.preprocessing.resolution
+    example = torch.full((2, 1, r, r), 128.0)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's progress chatter and deprecation notes
+        try:
+            torch.onnx.export(
+                net, (example,), str(tmp), input_names=["image"], output_names=["logits", "probabilities"],
+                dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), opset_version=opset, dynamo=True,
+                external_data=False, verbose=False,
+            )
+        except Exception as e:  # noqa: BLE001 - any exporter failure is reported as one line
+            tmp.unlink(missing_ok=True)
+            raise PqfnError(f"ONNX export of {b.folder} failed at opset {opset} ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    note = preprocessing_note(b, out, opset)
+    proto = onnx.load(str(tmp))
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = "pqfn", json.dumps(note)
+    onnx.save(proto, str(tmp))
+    tmp.replace(out)
+    out.with_name(out.stem + ".preprocessing.json").write_text(json.dumps(note, indent=2))
+    return out
