@@ -18,13 +18,22 @@ def _warning_line(message: Any, category: Any, filename: str, lineno: int, file:
     print(f"pqfn: warning: {message}", file=sys.stderr)
 
 
-def prepare_out_dir(out: Path, *, resume: bool, overwrite: bool, what: str) -> None:
-    """Refuse to touch an existing results folder unless --resume or --overwrite says so."""
+def prepare_out_dir(out: Path, *, resume: bool, overwrite: bool, what: str, can_resume: bool = True,
+                    key: str = "results folder") -> None:
+    """Refuse to touch an existing results folder unless --resume or --overwrite says so.
+
+    `can_resume`: whether the command has --resume (only then is it suggested); `key` names the
+    setting the folder came from (output_dir, --out) in messages.
+    """
+    from pqfn.io import check_output_paths
+
+    check_output_paths(folders={key: out})  # a file in the way fails here, before any work
     if out.exists() and any(out.iterdir()):
         if overwrite:
             shutil.rmtree(out)
         elif not resume:
-            raise PqfnError(f"{out}: {what} folder already exists; pass --resume to continue it or --overwrite to replace it")
+            how = "pass --resume to continue it or --overwrite to replace it" if can_resume else "pass --overwrite to replace it"
+            raise PqfnError(f"{out}: {what} folder already exists; {how}")
     elif resume:
         raise PqfnError(f"{out}: nothing to resume (the folder does not exist or is empty)")
     out.mkdir(parents=True, exist_ok=True)
@@ -79,6 +88,7 @@ def cmd_trial(a: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from pqfn.config import dump_config, with_overrides
+    from pqfn.io import load_checkpoint
     from pqfn.report import atomic_write, plot_curves, write_metrics_csv
     from pqfn.splits import write_folds_csv
     from pqfn.trial import CrossValidation
@@ -90,36 +100,50 @@ def cmd_trial(a: argparse.Namespace) -> int:
     tc = cfg.trial
     check_mode(cfg)
     out = Path(a.out or cfg.output_dir / f"{cfg.name}-trial")
-    prepare_out_dir(out, resume=a.resume, overwrite=a.overwrite, what="trial results")
+    prepare_out_dir(out, resume=a.resume, overwrite=a.overwrite, what="trial results",
+                    key="--out" if a.out else "output_dir")
+    ckpt = out / "checkpoint.pt"
+    # Read the checkpoint before decoding any image: a damaged one (killed mid-write, full disk) fails at once.
+    state = load_checkpoint(ckpt, required=("epoch", "history", "config", "learners"),
+                            hint="pass --overwrite to start the trial again") if a.resume else None
     ds, holdout = _data(cfg)
     cv = CrossValidation(tc, ds, holdout.pool)
-    ckpt = out / "checkpoint.pt"
-    if a.resume:
-        if not ckpt.exists():
-            raise PqfnError(f"{ckpt}: no checkpoint to resume from")
-        cv.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=False))
+    if state is not None:
+        try:
+            cv.load_state_dict(state)
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:  # PqfnError passes through
+            raise PqfnError(f"{ckpt}: does not fit this trial ({type(e).__name__}: {str(e).strip()[:150]}); "
+                            "pass --overwrite to start the trial again") from None
         print(f"resuming {out} after epoch {cv.epoch}")
     atomic_write(out / "config.yaml", dump_config(cfg))
     write_folds_csv(out / "folds.csv", ds, holdout, cv.entries, cv.folds)
     print(f"trial {cfg.name}: {tc.model}, {tc.folds} folds x {tc.epochs} epochs, data_size {tc.data_size}, "
           f"{tc.resolution} px, batch {tc.batch_size}, on {cv.device}")
-    cols = ["train/acc", "val/acc", "gap/acc", "train/loss", "val/loss", "gap/loss", "val/bal_acc"]
-    head = f"{'epoch':>5} " + " ".join(f"{c:>10}" for c in cols) + f" {'sec':>6}"
+    cols = ["train/acc", "val/acc", "gap/acc", "train/loss", "val/loss", "gap/loss", "val/bal_acc", "val/min_recall"]
+    head = f"{'epoch':>5} " + " ".join(f"{c:>14}" for c in cols) + f" {'sec':>6}"
     run = trial_run(cfg, {}, trial_name=f"{cfg.name}-local", folder=out) if cv.epoch < tc.epochs else None
     bar = tqdm(total=tc.epochs, initial=cv.epoch, desc="epochs", unit="ep", file=sys.stderr, leave=False)
+
+    def line(rec: dict[str, float]) -> str:
+        return f"{int(rec['epoch']):>5} " + " ".join(f"{rec[c]:>14.4f}" for c in cols) + f" {rec['time/epoch_s']:>6.1f}"
+
     tqdm.write(head)
     for rec in cv.history:
-        tqdm.write(f"{int(rec['epoch']):>5} " + " ".join(f"{rec[c]:>10.4f}" for c in cols) + f" {rec['time/epoch_s']:>6.1f}")
-    while cv.epoch < tc.epochs:
-        rec = cv.run_epoch()
+        tqdm.write(line(rec))
+
+    def on_epoch(rec: dict[str, float], cv: CrossValidation) -> None:
         tmp = ckpt.with_name("checkpoint.pt.tmp")
         torch.save(cv.state_dict(), tmp)
         tmp.replace(ckpt)
         write_metrics_csv(out / "metrics.csv", cv.history, tc.folds)
         if run is not None:
             run.log(rec, step=int(rec["epoch"]))
-        tqdm.write(f"{int(rec['epoch']):>5} " + " ".join(f"{rec[c]:>10.4f}" for c in cols) + f" {rec['time/epoch_s']:>6.1f}")
+        tqdm.write(line(rec))
         bar.update(1)
+        if cv.epoch >= tc.epochs:
+            cv.save_models(out)
+
+    cv.fit(on_epoch)
     bar.close()
     if run is not None:
         run.finish()
@@ -128,34 +152,52 @@ def cmd_trial(a: argparse.Namespace) -> int:
     final = cv.history[-1]
     atomic_write(out / "final.json", json.dumps(final, indent=2))
     print(f"final (mean of {tc.folds} folds): val/acc {final['val/acc']:.3f} +- {final['val/acc_std']:.3f}, "
+          f"val/bal_acc {final['val/bal_acc']:.3f}, worst class recall {final['val/min_recall']:.3f}, "
           f"gap/acc {final['gap/acc']:+.3f}, gap/loss {final['gap/loss']:+.3f}")
-    print(f"results: {out} (metrics.csv, folds.csv, curves.png, checkpoint.pt)")
+    print(f"results: {out} (metrics.csv, folds.csv, curves.png, checkpoint.pt, models.safetensors)")
     return 0
 
 
 # ---------------------------------------------------------------- evaluate
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from pqfn.config import dump_config
+    from pqfn.ensemble import load_members, load_oof
     from pqfn.evaluate import evaluate_holdout
     from pqfn.report import atomic_write
+    from pqfn.trial import CrossValidation
 
     cfg = _load(a)
     out = Path(a.out or cfg.output_dir / f"{cfg.name}-eval")
-    prepare_out_dir(out, resume=False, overwrite=a.overwrite, what="evaluation")
+    prepare_out_dir(out, resume=False, overwrite=a.overwrite, what="evaluation", can_resume=False,
+                    key="--out" if a.out else "output_dir")
     ds, holdout = _data(cfg)
     atomic_write(out / "config.yaml", dump_config(cfg))
-    m = evaluate_holdout(cfg.trial, ds, holdout, out, model_path=Path(a.model) if a.model else None)
+    if a.model:  # the fold models of an earlier `pqfn trial` (or a sweep's trials/<id>/ folder)
+        folder = Path(a.model)
+        model, oof = load_members(folder, cfg.trial.model), load_oof(folder)
+    else:
+        tc = cfg.trial
+        print(f"training the {tc.folds} fold models ({tc.data_size} images, {tc.resolution} px, {tc.epochs} epochs) ...")
+        cv = CrossValidation(tc, ds, holdout.pool)
+        cv.fit(lambda rec, cv: print(f"  epoch {int(rec['epoch'])}: val/bal_acc {rec['val/bal_acc']:.3f}"))
+        cv.save_models(out)
+        model, oof = load_members(out, tc.model), cv.out_of_fold()
+    m, _ = evaluate_holdout(cfg.trial, cfg.evaluate, model, oof, ds, holdout, out)
     print_evaluation(m)
-    print(f"results: {out} (evaluation.json, confusion.png, predictions.csv)")
+    print(f"results: {out} (evaluation.json, confusion.png, predictions.csv, models.safetensors)")
     return 0
 
 
 def print_evaluation(m: dict[str, Any]) -> None:
-    print(f"held-out test: {m['n_test_images']} images of {m['n_test_packages']} packages, accuracy {m['accuracy']:.3f}, "
-          f"macro precision {m['macro_precision']:.3f}, macro recall {m['macro_recall']:.3f}")
+    b = m["baselines"]
+    print(f"held-out test: {m['n_test_images']} images of {m['n_test_packages']} packages ({m['final_model']}, prior "
+          f"correction strength {m['prior_correction']['strength']:g}): accuracy {m['accuracy']:.3f} "
+          f"(always-{b['majority_class']} {b['majority_accuracy']:.3f}), balanced accuracy {m['balanced_accuracy']:.3f} "
+          f"(chance {b['chance_balanced_accuracy']:.2f}), macro-F1 {m['macro_f1']:.3f}")
     print(f"{'class':>6} {'precision':>10} {'recall':>8} {'f1':>6} {'n':>5}")
     for c, v in m["per_class"].items():
         print(f"{c:>6} {v['precision']:>10.3f} {v['recall']:>8.3f} {v['f1']:>6.3f} {v['support']:>5}")
+    print(m["verdict"])
 
 
 # ---------------------------------------------------------------- sweep (Ray lives in tune_jobs/)
@@ -213,15 +255,36 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 
 def cmd_report(a: argparse.Namespace) -> int:
-    from pqfn.report import regenerate
+    """Re-run the sweep's select and write steps from its results folder (no Ray, no W&B, no training)."""
+    from pqfn.config import load_config
+    from pqfn.records import SweepResult
+    from pqfn.report import plot_confusion, print_summary, read_trials_csv, write_sweep
+    from pqfn.selection import select
 
-    regenerate(Path(a.run_dir))
+    run_dir = Path(a.run_dir)
+    if not (run_dir / "trials.csv").exists():
+        raise PqfnError(f"{run_dir}: no trials.csv; expected a sweep results folder")
+    cfg = load_config(run_dir / "config.yaml")
+    rows = read_trials_csv(run_dir / "trials.csv")
+    selection = select(rows, cfg.selection)
+    write_sweep(run_dir, cfg, rows, selection)
+    ev_file = run_dir / "final" / "evaluation.json"
+    evaluation = json.loads(ev_file.read_text()) if ev_file.exists() else None
+    if evaluation is not None and selection.selected is not None and evaluation.get("trial_id") != selection.selected["trial_id"]:
+        print(f"pqfn: warning: final/evaluation.json is of trial {evaluation.get('trial_id')}, not of the selection "
+              f"{selection.selected['trial_id']}; re-run the sweep command to evaluate it", file=sys.stderr)
+    elif evaluation is not None:
+        plot_confusion(run_dir / "final" / "confusion.png", evaluation)
+    print_summary(SweepResult(folder=str(run_dir), selection=selection, evaluation=evaluation))
     return 0
 
 
 def cmd_dfi(a: argparse.Namespace) -> int:
     from pqfn.dfi import format_table, load_design, load_thresholds, plot_scores, score
+    from pqfn.io import check_output_paths
 
+    if a.plot:  # before the table is printed: a typo'd folder must not leave a half-done command
+        check_output_paths(files={"--plot": Path(a.plot)})
     th = load_thresholds(Path(a.thresholds))
     design = load_design(Path(a.design))
     result = score(th, design)
@@ -308,7 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "trial":
             t.add_argument("--no-wandb", action="store_true", help="do not log to W&B (same as wandb.mode=disabled)")
         if name == "evaluate":
-            t.add_argument("--model", help="a trained model.safetensors instead of retraining")
+            t.add_argument("--model", help="a folder with fold models (models.safetensors, oof.npz) from `pqfn trial` "
+                           "or a sweep's trials/<id>/, instead of training them")
         if name == "sweep":
             t.add_argument("--address", help="a running Ray cluster (default: start a private local one)")
         t.set_defaults(func=func)
@@ -394,7 +458,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pqfn: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("pqfn: interrupted; results written so far are kept (use --resume to continue)", file=sys.stderr)
+        hint = " (use --resume to continue)" if hasattr(args, "resume") else ""  # only commands that have it
+        print(f"pqfn: interrupted; results written so far are kept{hint}", file=sys.stderr)
         return 130
 
 

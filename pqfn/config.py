@@ -204,11 +204,52 @@ class SearchConfig(_Strict):
 
 
 class SelectionConfig(_Strict):
-    """Least-overfitting configuration that still learns (design.md, 'Selection')."""
+    """Least-overfitting configuration that still learns every class (README, "How the selection works").
 
+    1. informative: a completed trial whose mean `metric` >= floor and whose worst class's recall
+       (val/min_recall, mean of folds) >= min_class_recall;
+    2. contenders: informative trials whose `metric` is within se_multiplier standard errors of the
+       best informative trial's (standard error = fold std / sqrt(folds)), and within `tolerance`
+       of it when that is set;
+    3. among contenders, those whose gap is statistically tied with the smallest gap (difference
+       within se_multiplier combined standard errors); of these, the one with the best `metric`.
+    """
+
+    metric: Literal["val/bal_acc", "val/f1", "val/acc"] = "val/bal_acc"
     gap_metric: Literal["gap/acc", "gap/loss"] = "gap/acc"
-    tolerance: float | None = Field(0.05, ge=0, le=1)  # val/acc within this of the best trial's
-    floor: float | None = Field(0.4, ge=0, le=1)  # and at least this val/acc (chance is 0.25)
+    floor: float | None = Field(0.4, ge=0, le=1)  # metric at least this (chance: 0.25 for 4 classes)
+    min_class_recall: float | None = Field(0.2, ge=0, le=1)  # every class found this often (a blind class: ~0)
+    se_multiplier: float = Field(1.0, ge=0)  # "within noise" = within this many standard errors
+    tolerance: float | None = Field(None, ge=0, le=1)  # optional absolute bound on the metric's distance to the best
+
+
+class EvaluateConfig(_Strict):
+    """Held-out evaluation of the selected configuration (README, "The final model")."""
+
+    enabled: bool = True
+    # ensemble: the selected trial's fold models, averaged (no retraining); retrain: one model on the whole pool
+    final_model: Literal["ensemble", "retrain"] = "ensemble"
+    # Class priors at deployment. The models train on a class-balanced pool (equal priors); real scans
+    # have the natural frequencies. logits + strength * log(prior): 0 = raw, 1 = full Bayes correction,
+    # auto = the strength in {0, 0.25, 0.5, 0.75, 1} that maximises prior-weighted macro-F1 on the
+    # selected trial's out-of-fold predictions (never on the held-out packages).
+    prior_strength: float | Literal["auto"] = "auto"
+    # The natural class frequencies (A, B, C, D); default: those of the search pool's original images.
+    priors: tuple[float, float, float, float] | None = None
+
+    @field_validator("prior_strength")
+    @classmethod
+    def _strength(cls, v: float | str) -> float | str:
+        if not isinstance(v, str) and not 0 <= v <= 1:
+            raise ValueError("expected auto or a number in [0, 1]")
+        return v
+
+    @field_validator("priors")
+    @classmethod
+    def _priors(cls, v: tuple[float, ...] | None) -> tuple[float, ...] | None:
+        if v is not None and (min(v) <= 0 or abs(sum(v) - 1) > 1e-3):
+            raise ValueError("expected four positive class frequencies (A, B, C, D) summing to 1")
+        return v
 
 
 class ResourcesConfig(_Strict):
@@ -224,10 +265,6 @@ class WandbConfig(_Strict):
     mode: Literal["auto", "offline", "online", "disabled"] = "auto"
     project: str = "pqfn"
     entity: str | None = None
-
-
-class EvaluateConfig(_Strict):
-    enabled: bool = True  # retrain the selection on the whole pool and test on held-out packages
 
 
 class Config(_Strict):

@@ -57,7 +57,7 @@ class ThresholdSpec(_Strict):
 
 class Thresholds(_Strict):
     architecture: str = ""
-    steepness: float = Field(1.0, gt=0)  # k in C_n = (2/pi) arctan(r_n ** k)
+    steepness: float = Field(1.0, gt=0, allow_inf_nan=False)  # k in C_n = (2/pi) arctan(r_n ** k)
     normalize: bool = False  # true: divide the weights by their sum instead of requiring sum = 1
     parameters: dict[str, ThresholdSpec]
 
@@ -74,7 +74,10 @@ class Design(_Strict):
 
 def compatibility(ratio: float, steepness: float = 1.0) -> float:
     """C_n = (2 / pi) * arctan(ratio ** k): odd in the ratio, bounded by -1 and 1, 0.5 at ratio 1."""
-    r = math.copysign(abs(ratio) ** steepness, ratio)
+    try:
+        r = math.copysign(abs(ratio) ** steepness, ratio)
+    except OverflowError:  # |r|**k beyond the float range: arctan is pi/2 there to double precision
+        r = math.copysign(math.inf, ratio)
     return 2.0 / math.pi * math.atan(r)
 
 
@@ -120,6 +123,8 @@ def load_thresholds(path: Path) -> Thresholds:
     total = sum(p.weight for p in th.parameters.values())
     if total <= 0:
         raise ConfigError(f"{path}: parameters: the weights sum to 0; expected a positive sum")
+    if not math.isfinite(total):
+        raise ConfigError(f"{path}: parameters: the weights sum beyond the range of numbers; expected weights summing to 1")
     if not th.normalize and abs(total - 1) > WEIGHT_TOLERANCE:
         raise ConfigError(f"{path}: parameters: weights sum to {total:.6g}, expected 1 (or set normalize: true)")
     th._source = str(path)
@@ -153,6 +158,9 @@ def score(th: Thresholds, design: Design) -> DfiResult:
         if val.unit != spec.unit:
             raise ConfigError(f"{dsrc}: parameters.{name}: unit {val.unit!r} differs from {spec.unit!r} in {tsrc}")
         ratio = val.value / spec.threshold if spec.direction == "larger_is_better" else spec.threshold / val.value
+        if not math.isfinite(ratio) or ratio == 0:  # finite inputs, but their quotient over- or underflows
+            raise ConfigError(f"{dsrc}: parameters.{name}: value {val.value:g} and threshold {spec.threshold:g} "
+                              f"({tsrc}) differ by more than floating point can represent; expected both in {spec.unit}")
         w = spec.weight / total if th.normalize else spec.weight
         out.append(ParameterScore(name, val.value, spec.threshold, spec.unit, spec.direction, ratio,
                                   compatibility(ratio, th.steepness), w))
@@ -165,7 +173,8 @@ def format_table(res: DfiResult) -> str:
              "-" * len(head)]
     for p in res.parameters:
         d = "larger" if p.direction == "larger_is_better" else "smaller"
-        lines.append(f"{p.name:<22} {p.value:>9.4g} {p.threshold:>9.4g} {p.unit:<4} {d:<10} {p.ratio:>7.3f} "
+        ratio = f"{p.ratio:>7.3f}" if p.ratio < 1e3 else f"{p.ratio:>7.3g}"  # extreme ratios stay in their column
+        lines.append(f"{p.name:<22} {p.value:>9.4g} {p.threshold:>9.4g} {p.unit:<4} {d:<10} {ratio} "
                      f"{p.score:>7.4f} {p.weight:>7.3f} {p.contribution:>7.4f}")
     lines.append("-" * len(head))
     lines.append(f"{'CMx-ray':<22} {res.cmx_ray:>79.4f}")
@@ -176,22 +185,27 @@ def plot_scores(res: DfiResult, path: Path) -> None:
     """C_n against the ratio (the reference's Fig. 10 shape), with the design's parameters marked."""
     import numpy as np
 
-    from pqfn.report import _plt, save_fig
+    from pqfn.report import pyplot, save_fig
 
-    plt = _plt()
-    hi = max(3.0, 1.2 * max(p.ratio for p in res.parameters))
+    plt = pyplot()
+    # Up to 20 the curve's shape is visible; a parameter beyond is drawn at the right edge with its ratio.
+    hi = min(max(3.0, 1.2 * max(p.ratio for p in res.parameters)), 20.0)
     r = np.linspace(0, hi, 300)
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    ax.plot(r, 2 / np.pi * np.arctan(r**res.steepness), color="k", label=f"C = (2/pi) arctan(r^{res.steepness:g})")
+    with np.errstate(over="ignore"):  # r**k overflows to inf for steep k; arctan(inf) = pi/2 is right
+        curve = 2 / np.pi * np.arctan(r**res.steepness)
+    ax.plot(r, curve, color="k", label=f"C = (2/pi) arctan(r^{res.steepness:g})")
     ax.axvline(1, color="grey", ls=":", lw=1)
     ax.axhline(0.5, color="grey", ls=":", lw=1)
     groups: dict[tuple[float, float], list[str]] = {}
     for p in res.parameters:  # parameters at the same ratio share one marker and one label
         groups.setdefault((round(p.ratio, 6), round(p.score, 6)), []).append(p.name)
     for i, ((ratio, c), names) in enumerate(sorted(groups.items())):
-        ax.plot(ratio, c, "o", ms=7)
+        x = min(ratio, hi)
+        label = ", ".join(names) + (f" (r={ratio:.3g})" if ratio > hi else "")
+        ax.plot(x, c, "o", ms=7, clip_on=False)
         up = i % 2 == 0  # alternate labels above and below the curve so neighbours do not collide
-        ax.annotate(", ".join(names), (ratio, c), textcoords="offset points", xytext=(-6 if up else 8, 8 if up else -12),
+        ax.annotate(label, (x, c), textcoords="offset points", xytext=(-6 if up else 8, 8 if up else -12),
                     ha="right" if up else "left", fontsize=8)
     ax.set_xlabel("ratio r = design value / threshold (inverted where smaller is better)")
     ax.set_ylabel("compatibility score C_n")

@@ -1,15 +1,19 @@
-"""Held-out evaluation: retrain a configuration on the whole search pool, predict the test packages.
+"""Held-out evaluation of a final model (the selected trial's fold ensemble) on packages the search never saw.
 
-Test images are never augmented and keep their natural class balance. Metrics come from
-scikit-learn: confusion matrix, per-class precision / recall / F1 and their macro means (the
-reference study's Fig. 7), plus predicted delamination by metallization and thermal cycles
+Test images are never augmented and keep their natural class balance. The balanced-pool model's
+outputs are corrected for the natural class priors (pqfn.ensemble); both the raw and the corrected
+figures are reported, beside the trivial baselines (always the majority class; chance). Metrics
+come from scikit-learn: confusion matrix, per-class precision / recall / F1 and their macro means
+(the reference study's Fig. 7), plus predicted delamination by metallization and thermal cycles
 (its Fig. 8) when that metadata exists.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,44 +23,67 @@ from sklearn.metrics import (
     accuracy_score,
     balanced_accuracy_score,
     confusion_matrix,
+    f1_score,
     precision_recall_fscore_support,
 )
 
-from pqfn.config import CLASSES, TrialConfig
+from pqfn.config import CLASSES, Config, EvaluateConfig, TrialConfig, with_overrides
 from pqfn.data import Dataset
-from pqfn.errors import TrialError
-from pqfn.model import build_model
-from pqfn.splits import HoldOut, build_pool
-from pqfn.trial import Learner, TrialImages, pick_device, predict_logits
+from pqfn.ensemble import (
+    FoldEnsemble,
+    adjust,
+    choose_strength,
+    load_members,
+    load_oof,
+    natural_priors,
+    softmax,
+)
+from pqfn.records import Selection
+from pqfn.report import atomic_write, write_evaluation
+from pqfn.splits import HoldOut
+from pqfn.trial import TrialImages, pick_device, predict_logits
 
 
-def train_final(
-    cfg: TrialConfig, ds: Dataset, pool: np.ndarray, device: torch.device | None = None,
-    on_epoch: Callable[[int, float], None] | None = None,
-) -> Learner:
-    """One model on the whole balanced pool (same data_size, resolution, epochs and seed as the trial)."""
-    device = device or pick_device(cfg.device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    entries = build_pool(ds, pool, cfg.data_size, cfg.max_copies, cfg.seed)
-    if cfg.batch_size > len(entries):
-        raise TrialError(f"trial.batch_size={cfg.batch_size} is larger than the pool ({len(entries)} images)")
-    data = TrialImages(ds, entries, cfg.resolution, device)
-    learner = Learner(cfg, data, data.rows(entries), cfg.seed * 1000, device)
-    for epoch in range(1, cfg.epochs + 1):
-        loss = learner.train_epoch().item()
-        if not np.isfinite(loss):
-            raise TrialError(f"final model epoch {epoch}: training loss is {loss}; stopped (lower trial.optimizer.lr)")
-        if on_epoch is not None:
-            on_epoch(epoch, loss)
-    return learner
+@dataclass(frozen=True)
+class Prediction:
+    """Held-out predictions: raw ensemble logits and the prior-corrected ones the model reports."""
+
+    index: np.ndarray  # (N,) dataset rows
+    raw_logits: np.ndarray  # (N, classes): log of the ensemble's mean probability, equal priors
+    priors: np.ndarray  # (classes,) natural class frequencies
+    strength: float  # logits + strength * log(priors)
+
+    @property
+    def logits(self) -> np.ndarray:
+        return adjust(self.raw_logits, self.priors, self.strength)
+
+    @property
+    def probs(self) -> np.ndarray:
+        return softmax(self.logits)
+
+    @property
+    def raw_probs(self) -> np.ndarray:
+        return softmax(self.raw_logits)
 
 
-def predict_test(cfg: TrialConfig, model: torch.nn.Module, ds: Dataset, test: np.ndarray, device: torch.device) -> np.ndarray:
-    """Predicted class indices for ds[test], resized to the model's resolution, never augmented."""
-    data = TrialImages(ds, test, cfg.resolution, device)
-    logits = predict_logits(cfg, model.to(device), data.images[data.rows(test)], device)
-    return logits.argmax(1).cpu().numpy()
+def predict_rows(cfg: TrialConfig, model: torch.nn.Module, ds: Dataset, rows: np.ndarray,
+                 device: torch.device) -> np.ndarray:
+    """Logits (N, classes) for ds[rows], resized to the model's resolution, never augmented."""
+    data = TrialImages(ds, rows, cfg.resolution, device)
+    return predict_logits(cfg, model.to(device), data.images[data.rows(rows)], device).cpu().numpy()
+
+
+def baselines(y_train_priors: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+    """What trivial classifiers score on these labels: always the pool's most frequent class, and chance."""
+    majority = int(np.argmax(y_train_priors))
+    pred = np.full_like(y, majority)
+    return {
+        "majority_class": CLASSES[majority],
+        "majority_accuracy": float(accuracy_score(y, pred)),
+        "majority_balanced_accuracy": float(balanced_accuracy_score(y, pred)),
+        "majority_macro_f1": float(f1_score(y, pred, labels=list(range(len(CLASSES))), average="macro", zero_division=0)),
+        "chance_balanced_accuracy": 1.0 / len(CLASSES),
+    }
 
 
 def holdout_metrics(ds: Dataset, test: np.ndarray, pred: np.ndarray) -> dict[str, Any]:
@@ -88,7 +115,7 @@ def holdout_metrics(ds: Dataset, test: np.ndarray, pred: np.ndarray) -> dict[str
                 sel = known & (ds.metallization[test] == m) & (ds.cycles[test] == c)
                 if sel.any():
                     table.append({
-                        "metallization": m, "cycles": int(c), "n": int(sel.sum()),
+                        "metallization": str(m), "cycles": int(c), "n": int(sel.sum()),
                         "predicted_delaminated": float(delam_pred[sel].mean()),
                         "true_delaminated": float(delam_true[sel].mean()),
                         "predicted_die_pad": float(np.isin(pred[sel], [0, 2]).mean()),
@@ -98,33 +125,80 @@ def holdout_metrics(ds: Dataset, test: np.ndarray, pred: np.ndarray) -> dict[str
     return out
 
 
+def verdict(m: dict[str, Any]) -> str:
+    """One sentence: does the model beat the trivial baselines on the held-out packages?"""
+    b = m["baselines"]
+    short = []
+    if m["accuracy"] <= b["majority_accuracy"]:
+        short.append(f"accuracy {m['accuracy']:.3f} <= always-{b['majority_class']} {b['majority_accuracy']:.3f}")
+    if m["balanced_accuracy"] <= b["chance_balanced_accuracy"] + 0.05:
+        short.append(f"balanced accuracy {m['balanced_accuracy']:.3f} is near chance {b['chance_balanced_accuracy']:.2f}")
+    if m["macro_f1"] <= b["majority_macro_f1"]:
+        short.append(f"macro-F1 {m['macro_f1']:.3f} <= always-{b['majority_class']} {b['majority_macro_f1']:.3f}")
+    if short:
+        return "DOES NOT BEAT the trivial baselines: " + "; ".join(short) + " (README, Troubleshooting)"
+    return (f"beats the baselines: accuracy {m['accuracy']:.3f} vs always-{b['majority_class']} {b['majority_accuracy']:.3f}, "
+            f"balanced accuracy {m['balanced_accuracy']:.3f} vs chance {b['chance_balanced_accuracy']:.2f}")
+
+
 def evaluate_holdout(
-    cfg: TrialConfig, ds: Dataset, holdout: HoldOut, out_dir: Path, *, model_path: Path | None = None,
-    log: Callable[[str], None] = print,
-) -> dict[str, Any]:
-    """Train (or load) the final model, evaluate on held-out packages, write files into out_dir."""
-    from safetensors.torch import load_file, save_file
+    cfg: TrialConfig, ev: EvaluateConfig, model: FoldEnsemble, oof: tuple[np.ndarray, np.ndarray],
+    ds: Dataset, holdout: HoldOut, out_dir: Path, *, log: Callable[[str], None] = print,
+) -> tuple[dict[str, Any], Prediction]:
+    """Predict the held-out packages with the final model, correct for class priors, write files into out_dir.
 
-    from pqfn.report import write_evaluation
-
-    device = pick_device(cfg.device)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    oof: the selected trial's out-of-fold (dataset rows, logits) on which the prior strength is chosen.
+    """
     t0 = time.perf_counter()
-    if model_path is not None:
-        model = build_model(cfg.model)
-        try:
-            model.load_state_dict(load_file(str(model_path)))
-        except Exception as e:  # noqa: BLE001
-            raise TrialError(f"--model: cannot load {model_path} into {cfg.model} ({type(e).__name__})") from None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = pick_device(cfg.device)
+    priors = np.asarray(ev.priors, np.float64) if ev.priors is not None else natural_priors(ds.labels[holdout.pool])
+    oof_idx, oof_logits = oof
+    strength_scores: dict[float, float] = {}
+    if ev.prior_strength == "auto":
+        strength, strength_scores = choose_strength(ds.labels[oof_idx], oof_logits, priors)
     else:
-        log(f"training the final model on the whole search pool ({cfg.data_size} images, {cfg.epochs} epochs) ...")
-        learner = train_final(cfg, ds, holdout.pool, device, on_epoch=lambda e, loss: log(f"  epoch {e}: train loss {loss:.4f}"))
-        model = learner.model
-        tmp = out_dir / "model.safetensors.tmp"
-        save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp))
-        tmp.replace(out_dir / "model.safetensors")
-    pred = predict_test(cfg, model, ds, holdout.test, device)
-    metrics = holdout_metrics(ds, holdout.test, pred)
+        strength = float(ev.prior_strength)
+    raw = predict_rows(cfg, model, ds, holdout.test, device)
+    pred = Prediction(holdout.test, raw, priors, strength)
+    y = ds.labels[holdout.test]
+    metrics = holdout_metrics(ds, holdout.test, pred.logits.argmax(1))
+    raw_m = holdout_metrics(ds, holdout.test, raw.argmax(1))
+    metrics["raw"] = {k: raw_m[k] for k in ("accuracy", "balanced_accuracy", "macro_precision", "macro_recall",
+                                             "macro_f1", "confusion_matrix")}
+    metrics["baselines"] = baselines(priors, y)
+    metrics["prior_correction"] = {
+        "priors": dict(zip(CLASSES, priors.round(4).tolist(), strict=True)), "strength": strength,
+        "chosen_by": "auto: out-of-fold prior-weighted macro-F1" if ev.prior_strength == "auto" else "config",
+        "oof_macro_f1_by_strength": {str(k): round(v, 4) for k, v in strength_scores.items()},
+    }
+    metrics["final_model"] = f"ensemble of {len(model.members)} fold models"
+    metrics["verdict"] = verdict(metrics)
     metrics["seconds"] = time.perf_counter() - t0
-    write_evaluation(out_dir, metrics, ds, holdout.test, pred)
+    write_evaluation(out_dir, metrics, ds, holdout.test, pred.probs, pred.raw_probs)
+    log(f"held-out: {metrics['verdict']}")
+    return metrics, pred
+
+
+def evaluate_selection(cfg: Config, sdir: Path, selection: Selection, ds: Dataset, holdout: HoldOut, *,
+                       log: Callable[[str], None] = print) -> dict[str, Any] | None:
+    """The sweep's step 6: the selected trial's fold ensemble on the held-out packages, into <sweep>/final.
+
+    Resumable: an evaluation of the same trial already in final/ is reused, not recomputed.
+    """
+    if selection.selected is None or not cfg.evaluate.enabled:
+        return None
+    final = sdir / "final"
+    done = final / "evaluation.json"
+    trial_id, params = selection.selected["trial_id"], selection.selected["params"]
+    if done.exists():
+        previous = json.loads(done.read_text())
+        if previous.get("trial_id") == trial_id:
+            return previous  # type: ignore[no-any-return]
+    tc = with_overrides(cfg, params).trial
+    folder = sdir / "trials" / trial_id
+    model = load_members(folder, tc.model)
+    metrics, _ = evaluate_holdout(tc, cfg.evaluate, model, load_oof(folder), ds, holdout, final, log=log)
+    metrics |= {"trial_id": trial_id, "params": params}
+    atomic_write(done, json.dumps(metrics, indent=2))
     return metrics

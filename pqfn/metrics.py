@@ -6,13 +6,38 @@ Per fold k (1-based): `fold{k}/train/acc`, ...; across folds: the mean under the
 gap/acc  = train/acc - val/acc    (positive = overfitting)
 gap/loss = val/loss - train/loss  (positive = overfitting; the reference study writes
                                    Training - Validation for both, so its loss gap has the opposite sign)
+
+Per class on the validation fold: `val/recall_A`, `val/precision_A`, ... (scikit-learn, zero when a
+class is never predicted), their macro means `val/bal_acc` (= macro recall) and `val/f1` (macro-F1),
+and `val/min_recall`, the worst class's recall in that fold: a configuration blind to one class
+has val/min_recall near 0 whatever its accuracy.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from sklearn.metrics import precision_recall_fscore_support
 
-FOLD_METRICS = ("train/acc", "train/loss", "val/acc", "val/loss", "val/bal_acc", "gap/acc", "gap/loss")
+from pqfn.config import CLASSES
+
+PER_CLASS_METRICS = tuple(f"val/{m}_{c}" for m in ("recall", "precision") for c in CLASSES)
+FOLD_METRICS = ("train/acc", "train/loss", "val/acc", "val/loss", "val/bal_acc", "val/f1", "val/min_recall",
+                *PER_CLASS_METRICS, "gap/acc", "gap/loss")
+# What a trial's row in trials.csv shows (mean of folds; `_std` columns beside the selection's inputs).
+TRIAL_METRICS = ("train/acc", "val/acc", "gap/acc", "train/loss", "val/loss", "gap/loss", "val/bal_acc", "val/f1",
+                 "val/min_recall", *PER_CLASS_METRICS, "val/acc_std", "val/bal_acc_std", "val/f1_std",
+                 "gap/acc_std", "gap/loss_std", "n_folds", "objective")
+
+
+def class_metrics(y: np.ndarray, pred: np.ndarray, prefix: str = "val") -> dict[str, float]:
+    """Per-class recall and precision, balanced accuracy, macro-F1 and the worst recall of one fold."""
+    p, r, f, _ = precision_recall_fscore_support(y, pred, labels=list(range(len(CLASSES))), zero_division=0)
+    out = {f"{prefix}/recall_{c}": float(r[i]) for i, c in enumerate(CLASSES)}
+    out |= {f"{prefix}/precision_{c}": float(p[i]) for i, c in enumerate(CLASSES)}
+    out[f"{prefix}/bal_acc"] = float(r.mean())
+    out[f"{prefix}/f1"] = float(f.mean())
+    out[f"{prefix}/min_recall"] = float(r.min())
+    return out
 
 
 def fold_key(fold: int, metric: str) -> str:
@@ -39,6 +64,7 @@ def aggregate(per_fold: list[dict[str, float]]) -> dict[str, float]:
         vals = np.array([m[name] for m in per_fold], dtype=np.float64)
         rec[name] = float(vals.mean())
         rec[f"{name}_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
+    rec["n_folds"] = float(len(per_fold))  # standard error of a mean = its _std / sqrt(n_folds)
     return rec
 
 

@@ -9,14 +9,16 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pqfn.config import CLASS_NAMES, CLASSES
+from pqfn.config import CLASS_NAMES, CLASSES, Config
 from pqfn.data import Dataset
-from pqfn.metrics import FOLD_METRICS, MEMORY_METRICS, fold_key
+from pqfn.metrics import FOLD_METRICS, MEMORY_METRICS, TRIAL_METRICS, fold_key
+from pqfn.records import Selection, SweepResult, TrialOutcome
 
 
 def atomic_write(path: Path, data: str | bytes) -> None:
@@ -28,7 +30,8 @@ def atomic_write(path: Path, data: str | bytes) -> None:
     tmp.replace(path)
 
 
-def _plt() -> Any:
+def pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -40,7 +43,7 @@ def _plt() -> Any:
 def save_fig(fig: Any, path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    _plt().close(fig)
+    pyplot().close(fig)
     atomic_write(path, buf.getvalue())
 
 
@@ -72,7 +75,7 @@ def write_metrics_csv(path: Path, history: list[dict[str, float]], folds: int) -
 
 def plot_curves(path: Path, history: list[dict[str, float]], title: str) -> None:
     """Accuracy, loss and both gaps per epoch (mean across folds, band = +-1 std)."""
-    plt = _plt()
+    plt = pyplot()
     ep = np.array([r["epoch"] for r in history])
     fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
     panels = [
@@ -98,14 +101,20 @@ def plot_curves(path: Path, history: list[dict[str, float]], title: str) -> None
     save_fig(fig, path)
 
 
-def write_evaluation(out_dir: Path, metrics: dict[str, Any], ds: Dataset, test: np.ndarray, pred: np.ndarray) -> None:
+def write_evaluation(out_dir: Path, metrics: dict[str, Any], ds: Dataset, test: np.ndarray, probs: np.ndarray,
+                     raw_probs: np.ndarray) -> None:
+    """evaluation.json, predictions.csv (one row per held-out image, with the prior-corrected and the raw
+    class probabilities), confusion.png and the metallization x cycles map."""
     atomic_write(out_dir / "evaluation.json", json.dumps(metrics, indent=2))
+    pred = probs.argmax(1)
     write_csv(
         out_dir / "predictions.csv",
         [
-            {"path": ds.paths[i], "package_id": ds.package_ids[i], "metallization": ds.metallization[i],
+            {"path": ds.paths[i], "package_id": str(ds.package_ids[i]), "metallization": str(ds.metallization[i]),
              "cycles": int(ds.cycles[i]), "label": CLASSES[ds.labels[i]], "predicted": CLASSES[p]}
-            for i, p in zip(test, pred, strict=True)
+            | {f"prob_{c}": float(probs[n, k]) for k, c in enumerate(CLASSES)}
+            | {f"raw_prob_{c}": float(raw_probs[n, k]) for k, c in enumerate(CLASSES)}
+            for n, (i, p) in enumerate(zip(test, pred, strict=True))
         ],
     )
     plot_confusion(out_dir / "confusion.png", metrics)
@@ -115,7 +124,7 @@ def write_evaluation(out_dir: Path, metrics: dict[str, Any], ds: Dataset, test: 
 
 
 def plot_confusion(path: Path, metrics: dict[str, Any], title: str = "Held-out test packages") -> None:
-    plt = _plt()
+    plt = pyplot()
     cm = np.array(metrics["confusion_matrix"])
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.5), gridspec_kw={"width_ratios": [1, 1.2]})
     ax.imshow(cm, cmap="Blues")
@@ -143,7 +152,7 @@ def plot_confusion(path: Path, metrics: dict[str, Any], title: str = "Held-out t
 
 def plot_delamination_map(path: Path, table: list[dict[str, Any]]) -> None:
     """Heatmap: share of test scans predicted delaminated, by metallization (rows) and cycles (columns)."""
-    plt = _plt()
+    plt = pyplot()
     metals = sorted({r["metallization"] for r in table})
     cycles = sorted({r["cycles"] for r in table})
     grid = np.full((len(metals), len(cycles)), np.nan)
@@ -168,31 +177,57 @@ def plot_delamination_map(path: Path, table: list[dict[str, Any]]) -> None:
 
 
 # ---------------------------------------------------------------- sweep outputs
-TRIAL_METRICS = ["train/acc", "val/acc", "gap/acc", "train/loss", "val/loss", "gap/loss", "val/bal_acc", "objective"]
+OUTCOME_FIELDS = ("trial_id", "status", "epoch", "time_total_s", "node_ip", "node_id", "restored_from", "error")
 
 
-def trial_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
-    params = sorted({k for r in rows for k in r["params"]})
+def trial_table(rows: list[TrialOutcome]) -> tuple[list[str], list[dict[str, Any]]]:
+    """trials.csv's columns and rows: identity and status, the searched parameters, the final metrics."""
+    params = sorted({k for r in rows for k in r.params})
     cols = ["trial_id", "status", *params, "epoch", *TRIAL_METRICS, "time_total_s", *MEMORY_METRICS, "node_ip",
             "node_id", "restored_from", "error"]
     # Parameters are written exactly (str of a float is its shortest exact repr); metrics to 6 digits.
-    flat = [{k: v for k, v in r.items() if k not in ("params", "metrics")} | {k: str(v) for k, v in r["params"].items()}
-            for r in rows]
+    flat = [{k: getattr(r, k) for k in OUTCOME_FIELDS} | {k: r.get(k) for k in (*TRIAL_METRICS, *MEMORY_METRICS)}
+            | {k: str(v) for k, v in r.params.items()} for r in rows]
     return cols, flat
 
 
-def read_trials_csv(path: Path) -> list[dict[str, Any]]:
-    """trials.csv -> rows as the selection expects them (params under 'params', floats parsed)."""
+def read_trials_csv(path: Path) -> list[TrialOutcome]:
+    """trials.csv -> typed outcomes (what `pqfn report` re-selects from).
+
+    A binary, truncated, ragged or hand-damaged file is one PqfnError naming the file and line.
+    """
+    import math
+
+    from pqfn.errors import PqfnError
+    from pqfn.io import read_csv
+    from pqfn.records import STATUSES
+
+    table = read_csv(path, "trials.csv", required=("trial_id", "status"), expected="the table a sweep writes")
     rows = []
-    with path.open(newline="") as f:
-        for raw in csv.DictReader(f):
-            row: dict[str, Any] = {"trial_id": raw["trial_id"], "status": raw["status"], "params": {}}
-            for k, v in raw.items():
-                if k.startswith("trial."):
-                    row["params"][k] = _num(v)
-                elif k not in ("trial_id", "status", "node_ip", "node_id", "error"):
-                    row[k] = _num(v)
-            rows.append(row)
+    for line, raw in table:
+        where = f"{path} line {line}"
+
+        def number(key: str, default: float, where: str = where, raw: dict[str, str] = raw) -> float:
+            v = (raw.get(key) or "").strip()
+            try:
+                return float(v) if v else default  # an empty cell: never reported (NaN for metrics)
+            except ValueError:
+                raise PqfnError(f"{where}: column {key}: {v!r} is not a number") from None
+
+        status = raw["status"].strip()
+        if status not in STATUSES:
+            raise PqfnError(f"{where}: status {status!r} is not one of {', '.join(STATUSES)}")
+        epoch = number("epoch", 0.0)
+        if not math.isfinite(epoch) or epoch < 0:
+            raise PqfnError(f"{where}: column epoch: {raw.get('epoch')!r} is not an epoch number")
+        rows.append(TrialOutcome(
+            trial_id=raw["trial_id"].strip(), status=status,  # type: ignore[arg-type]
+            params={k: _num(v) for k, v in raw.items() if k.startswith("trial.")},
+            metrics={k: number(k, math.nan) for k in raw if k in TRIAL_METRICS or k in MEMORY_METRICS},
+            epoch=int(epoch), time_total_s=number("time_total_s", 0.0),
+            node_ip=raw.get("node_ip") or "", node_id=raw.get("node_id") or "",
+            restored_from=number("restored_from", 0.0), error=raw.get("error") or "",
+        ))
     return rows
 
 
@@ -205,51 +240,62 @@ def _num(v: str) -> Any:
     return v
 
 
-def plot_pareto(path: Path, rows: list[dict[str, Any]], selection: dict[str, Any]) -> None:
-    plt = _plt()
-    gm = selection["rule"]["gap_metric"]
+def write_sweep(sdir: Path, cfg: Config, rows: list[TrialOutcome], selection: Selection) -> None:
+    """trials.csv, selection.json and the plots (also what `pqfn report` rewrites)."""
+    cols, flat = trial_table(rows)
+    write_csv(sdir / "trials.csv", flat, cols)
+    atomic_write(sdir / "selection.json", json.dumps(selection.as_dict(), indent=2, default=float))
+    plot_pareto(sdir / "pareto.png", rows, selection)
+    plot_gap_by_axis(sdir / "gap_by_axis.png", rows, cfg.selection.gap_metric)
+
+
+def plot_pareto(path: Path, rows: list[TrialOutcome], selection: Selection) -> None:
+    """Every trial in (selection metric, gap); error bars = 1 standard error; the tied trials ringed."""
+    plt = pyplot()
+    rule = selection.rule
+    m, gm = rule["metric"], rule["gap_metric"]
     fig, ax = plt.subplots(figsize=(7.5, 5))
     styles = {"completed": ("o", "tab:blue"), "stopped": ("x", "tab:grey"), "failed": ("s", "tab:red")}
     for status, (marker, color) in styles.items():
-        pts = [r for r in rows if r["status"] == status and np.isfinite(r.get("val/acc", np.nan))]
+        pts = [r for r in rows if r.status == status and np.isfinite(r.get(m))]
         if pts:
-            ax.scatter([r["val/acc"] for r in pts], [r[gm] for r in pts], marker=marker, color=color,
-                       label=f"{status} ({len(pts)})", alpha=0.8)
-    front = selection["pareto_front"]
+            ax.errorbar([r.get(m) for r in pts], [r.get(gm) for r in pts],
+                        xerr=[np.nan_to_num(r.se(m)) for r in pts], yerr=[np.nan_to_num(r.se(gm)) for r in pts],
+                        fmt=marker, color=color, label=f"{status} ({len(pts)})", alpha=0.8, capsize=2, lw=0.8)
+    front = selection.pareto_front
     if front:
-        ax.plot([p["val/acc"] for p in front], [p[gm] for p in front], "--", color="tab:blue", lw=1, label="Pareto front")
-    rule = selection["rule"]
+        ax.plot([p[m] for p in front], [p[gm] for p in front], "--", color="tab:blue", lw=1, label="Pareto front")
     if rule.get("floor") is not None:
-        ax.axvline(rule["floor"], color="tab:red", ls=":", lw=1, label=f"val/acc floor {rule['floor']}")
-    if selection.get("best_val_acc") is not None and rule.get("tolerance") is not None:
-        ax.axvline(selection["best_val_acc"] - rule["tolerance"], color="tab:orange", ls=":", lw=1,
-                   label=f"best - tolerance {rule['tolerance']}")
-    if selection["selected"] is not None:
-        s = selection["selected"]
-        ax.scatter([s["val/acc"]], [s[gm]], marker="*", s=300, color="gold", edgecolor="k", zorder=5, label="selected")
+        ax.axvline(rule["floor"], color="tab:red", ls=":", lw=1, label=f"{m} floor {rule['floor']}")
+    if selection.tied:
+        ax.scatter([t[m] for t in selection.tied], [t[gm] for t in selection.tied], s=160, facecolors="none",
+                   edgecolors="tab:orange", lw=1.5, label=f"tied with the winner ({len(selection.tied)})", zorder=4)
+    if selection.selected is not None:
+        s = selection.selected
+        ax.scatter([s[m]], [s[gm]], marker="*", s=300, color="gold", edgecolor="k", zorder=5, label="selected")
     ax.axhline(0, color="k", lw=0.8)
     ax.axvline(0.25, color="k", lw=0.6, ls="--")
     ax.text(0.25, ax.get_ylim()[1], " chance", va="top", fontsize=8)
-    ax.set_xlabel("mean validation accuracy (val/acc)")
+    ax.set_xlabel(f"{m} (mean of folds, +- 1 standard error)")
     ax.set_ylabel(f"{gm} (positive = overfitting)")
-    ax.set_title("Trials: accuracy against overfitting gap")
+    ax.set_title("Trials: class-balanced validation score against overfitting gap")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     save_fig(fig, path)
 
 
-def plot_gap_by_axis(path: Path, rows: list[dict[str, Any]], gap_metric: str) -> None:
+def plot_gap_by_axis(path: Path, rows: list[TrialOutcome], gap_metric: str) -> None:
     """Gap against each searched axis (the study's Fig. 6): completed trials, mean and spread."""
-    plt = _plt()
-    done = [r for r in rows if r["status"] == "completed"]
-    axes_keys = sorted({k for r in rows for k in r["params"]})
+    plt = pyplot()
+    done = [r for r in rows if r.status == "completed"]
+    axes_keys = sorted({k for r in rows for k in r.params})
     n = max(1, len(axes_keys))
     fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.8), squeeze=False)
     for ax, key in zip(axes[0], axes_keys or ["(no axis)"], strict=False):
-        vals = sorted({r["params"][key] for r in done if key in r["params"]}, key=lambda v: (str(type(v)), v))
+        vals = sorted({r.params[key] for r in done if key in r.params}, key=lambda v: (str(type(v)), v))
         xs = np.arange(len(vals)) if any(isinstance(v, str) for v in vals) else np.array(vals, dtype=float)
         for x, v in zip(xs, vals, strict=True):
-            g = [r[gap_metric] for r in done if r["params"].get(key) == v]
+            g = [r.get(gap_metric) for r in done if r.params.get(key) == v]
             ax.scatter([x] * len(g), g, color="tab:blue", alpha=0.5)
             ax.errorbar([x], [np.mean(g)], yerr=[np.std(g)] if len(g) > 1 else None, fmt="o", color="k", capsize=4)
         ax.set_xlabel(key.split(".", 1)[-1].replace("_", " "))
@@ -262,50 +308,45 @@ def plot_gap_by_axis(path: Path, rows: list[dict[str, Any]], gap_metric: str) ->
     save_fig(fig, path)
 
 
-def write_sweep_outputs(sdir: Path, cfg: Any, rows: list[dict[str, Any]], data: Dataset, holdout: Any,
-                        log: Any = print) -> dict[str, Any]:
-    """trials.csv, selection.json, plots; then the held-out evaluation of the selection (if enabled)."""
-    from pqfn.config import with_overrides
-    from pqfn.evaluate import evaluate_holdout
-    from pqfn.selection import select
-
-    cols, flat = trial_table(rows)
-    write_csv(sdir / "trials.csv", flat, cols)
-    sel = select(rows, cfg.selection.gap_metric, cfg.selection.tolerance, cfg.selection.floor)
-    atomic_write(sdir / "selection.json", json.dumps(sel, indent=2, default=float))
-    plot_pareto(sdir / "pareto.png", rows, sel)
-    plot_gap_by_axis(sdir / "gap_by_axis.png", rows, cfg.selection.gap_metric)
-    summary: dict[str, Any] = {"folder": str(sdir), "selection": sel, "evaluation": None}
-    if sel["selected"] is not None and cfg.evaluate.enabled:
-        final = sdir / "final"
-        done = final / "evaluation.json"
-        params = sel["selected"]["params"]
-        if done.exists() and json.loads(done.read_text()).get("params") == params:
-            summary["evaluation"] = json.loads(done.read_text())
-        else:
-            tc = with_overrides(cfg, params).trial
-            m = evaluate_holdout(tc, data, holdout, final, log=log)
-            m["params"] = params
-            atomic_write(done, json.dumps(m, indent=2))
-            summary["evaluation"] = m
-    return summary
-
-
-def regenerate(run_dir: Path) -> None:
-    """`pqfn report RUN_DIR`: rebuild selection.json and the plots from trials.csv (no Ray, no W&B)."""
-    from pqfn.config import load_config
-    from pqfn.errors import PqfnError
-    from pqfn.selection import select
-
-    if not (run_dir / "trials.csv").exists():
-        raise PqfnError(f"{run_dir}: no trials.csv; expected a sweep results folder")
-    cfg = load_config(run_dir / "config.yaml")
-    rows = read_trials_csv(run_dir / "trials.csv")
-    sel = select(rows, cfg.selection.gap_metric, cfg.selection.tolerance, cfg.selection.floor)
-    atomic_write(run_dir / "selection.json", json.dumps(sel, indent=2, default=float))
-    plot_pareto(run_dir / "pareto.png", rows, sel)
-    plot_gap_by_axis(run_dir / "gap_by_axis.png", rows, cfg.selection.gap_metric)
-    ev = run_dir / "final" / "evaluation.json"
-    if ev.exists():
-        plot_confusion(run_dir / "final" / "confusion.png", json.loads(ev.read_text()))
-    print(f"rewrote {run_dir}/selection.json, pareto.png, gap_by_axis.png" + (", final/confusion.png" if ev.exists() else ""))
+def print_summary(s: SweepResult, log: Callable[[str], None] = print) -> None:
+    """The sweep's closing lines: trials, the selection and why, the held-out figures beside the baselines, time."""
+    sel = s.selection
+    c = sel.counts
+    t = s.timing
+    log("")
+    log(f"trials: {c['completed']} completed, {c['stopped']} stopped early, {c['failed']} failed")
+    if sel.selected is None:
+        log(f"no configuration selected: {sel.reason}")
+    else:
+        x = sel.selected
+        m = x["metrics"]
+        params = ", ".join(f"{k.split('.', 1)[-1]}={v}" for k, v in x["params"].items())
+        log(f"selected: {params}")
+        log(f"  val/bal_acc {m['val/bal_acc']:.3f} +- {m['val/bal_acc_std']:.3f}, worst class recall "
+            f"{m['val/min_recall']:.3f}, val/acc {m['val/acc']:.3f}, gap/acc {m['gap/acc']:+.3f}, "
+            f"gap/loss {m['gap/loss']:+.3f} (mean +- std of {int(m['n_folds'])} folds)")
+        log(f"  why: {sel.reason}")
+        log(f"  rule: {sel.rule['text']}")
+        if sel.tied:
+            log("  statistically tied: " + "; ".join(
+                ", ".join(f"{k.split('.', 1)[-1]}={v}" for k, v in r["params"].items()) for r in sel.tied))
+    ev = s.evaluation
+    if ev:
+        b = ev["baselines"]
+        pc = ev["prior_correction"]
+        log(f"held-out test ({ev['n_test_images']} images, {ev['n_test_packages']} packages; {ev['final_model']}, "
+            f"prior correction strength {pc['strength']:g}):")
+        log(f"  accuracy {ev['accuracy']:.3f} (always-{b['majority_class']}: {b['majority_accuracy']:.3f}), "
+            f"balanced accuracy {ev['balanced_accuracy']:.3f} (chance: {b['chance_balanced_accuracy']:.3f}), "
+            f"macro-F1 {ev['macro_f1']:.3f} (always-{b['majority_class']}: {b['majority_macro_f1']:.3f})")
+        log(f"  macro precision {ev['macro_precision']:.3f}, macro recall {ev['macro_recall']:.3f}; without the prior "
+            f"correction: accuracy {ev['raw']['accuracy']:.3f}, balanced accuracy {ev['raw']['balanced_accuracy']:.3f}, "
+            f"macro-F1 {ev['raw']['macro_f1']:.3f}")
+        log(f"  {ev['verdict']}")
+    if t:
+        ph = t["phases_s"]
+        log(f"time: {t['total_s']:.0f} s in all ("
+            + ", ".join(f"{k} {v:.0f} s" for k, v in ph.items())
+            + f"); search efficiency {t['search_efficiency']:.0%} ({t['trial_time_sum_s']:.0f} s of trials on "
+            f"{t['slots']} slot(s))")
+    log(f"results: {s.folder}  (trials.csv, selection.json, pareto.png, gap_by_axis.png, final/)")

@@ -13,18 +13,19 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import balanced_accuracy_score
 
 from pqfn.augment import augment_batch
 from pqfn.config import TrialConfig
 from pqfn.data import Dataset
+from pqfn.ensemble import save_members
 from pqfn.errors import TrialError
-from pqfn.metrics import aggregate, with_gaps
+from pqfn.metrics import aggregate, class_metrics, with_gaps
 from pqfn.model import build_model, check_model_name
 from pqfn.splits import Fold, build_pool, make_folds
 
@@ -133,6 +134,7 @@ class Learner:
             if cfg.schedule == "cosine" else None
         )
         self.gen = torch.Generator().manual_seed(seed)
+        self.val_logits: torch.Tensor | None = None  # (n_val, classes) from the latest measure("val")
 
     def _autocast(self) -> Any:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
@@ -175,7 +177,8 @@ class Learner:
         loss = F.cross_entropy(logits, y).item()
         m = {f"{prefix}/acc": (pred == y).float().mean().item(), f"{prefix}/loss": loss}
         if prefix == "val":
-            m["val/bal_acc"] = float(balanced_accuracy_score(y.cpu().numpy(), pred.cpu().numpy()))
+            m |= class_metrics(y.cpu().numpy(), pred.cpu().numpy())
+            self.val_logits = logits.cpu()  # the latest out-of-fold predictions (for prior calibration)
         return m
 
     def state_dict(self) -> dict[str, Any]:
@@ -269,6 +272,29 @@ class CrossValidation:
         self.history.append(rec)
         return rec
 
+    def fit(self, on_epoch: EpochCallback | None = None) -> CVResult:
+        """The one epoch loop (pqfn trial, the Tune adapter and pqfn evaluate all run it): train every fold
+        one epoch, measure, hand the record to on_epoch (checkpoint, report, log), until cfg.epochs."""
+        while self.epoch < self.cfg.epochs:
+            rec = self.run_epoch()
+            if on_epoch is not None:
+                on_epoch(rec, self)
+        return CVResult(self.history, self.folds, self.entries, self.history[-1] if self.history else {})
+
+    def out_of_fold(self) -> tuple[np.ndarray, np.ndarray]:
+        """(dataset indices, logits (N, classes)) of every validation image, each from its own fold's model
+        at the latest measured epoch; what the prior-correction strength is chosen on."""
+        missing = [k for k, ln in enumerate(self.learners, start=1) if ln.val_logits is None]
+        if missing:
+            raise TrialError(f"fold {missing[0]}: no validation predictions yet (run an epoch first)")
+        idx = np.concatenate([f.val for f in self.folds])
+        return idx, torch.cat([ln.val_logits for ln in self.learners if ln.val_logits is not None]).numpy()
+
+    def save_models(self, folder: Path) -> None:
+        """The fold models and their out-of-fold logits (the selected trial's become the final model)."""
+        idx, logits = self.out_of_fold()
+        save_members(folder, [ln.model for ln in self.learners], idx, logits)
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "epoch": self.epoch,
@@ -299,8 +325,4 @@ def cross_validate(
     cv = CrossValidation(cfg, ds, pool, device)
     if resume is not None:
         cv.load_state_dict(resume)
-    while cv.epoch < cfg.epochs:
-        rec = cv.run_epoch()
-        if on_epoch is not None:
-            on_epoch(rec, cv)
-    return CVResult(cv.history, cv.folds, cv.entries, cv.history[-1] if cv.history else {})
+    return cv.fit(on_epoch)

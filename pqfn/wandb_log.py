@@ -14,6 +14,8 @@ from typing import Any
 
 from pqfn.config import Config
 from pqfn.errors import ConfigError
+from pqfn.records import SweepResult, TrialOutcome
+from pqfn.report import trial_table
 
 
 def resolve_mode(cfg: Config) -> str:
@@ -77,33 +79,43 @@ def trial_run(cfg: Config, overrides: dict[str, Any], trial_name: str | None = N
     return init_run(cfg, job_type="trial", name=name, config=flat, folder=folder)
 
 
-def summary_run(cfg: Config, sdir: Path, rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
-    """One run per sweep (job_type 'sweep-summary'): trials table, selection, plots, held-out results."""
+def summary_run(cfg: Config, sdir: Path, rows: list[TrialOutcome], result: SweepResult) -> None:
+    """One run per sweep (job_type 'sweep-summary'): trials table, selection (with its ties), plots, held-out
+    results beside the trivial baselines."""
     run = init_run(cfg, job_type="sweep-summary", name=f"{cfg.name}-summary", config=flat_config(cfg))
     if run is None:
         return
     import wandb
 
-    from pqfn.report import trial_table
-
     cols, flat = trial_table(rows)
     run.log({"trials": wandb.Table(columns=list[Any](cols), data=[[r.get(c, "") for c in cols] for r in flat])})
-    sel = summary["selection"]
-    run.summary["selection/rule"] = sel["rule"]["text"]
-    run.summary["selection/reason"] = sel["reason"]
-    if sel["selected"] is not None:
-        run.summary["selection/params"] = sel["selected"]["params"]
-        for k, v in sel["selected"]["metrics"].items():
+    sel = result.selection
+    run.summary["selection/rule"] = sel.rule["text"]
+    run.summary["selection/reason"] = sel.reason
+    run.summary["selection/tied"] = [t["trial_id"] for t in sel.tied]
+    if sel.selected is not None:
+        run.summary["selection/params"] = sel.selected["params"]
+        run.summary["selection/trial_id"] = sel.selected["trial_id"]
+        for k, v in sel.selected["metrics"].items():
             if "/" in k and not k.startswith("fold"):
                 run.summary[f"selected/{k}"] = v
+    if sel.candidates:
+        keys = [k for k in sel.candidates[0] if k != "params"]
+        run.log({"selection/candidates": wandb.Table(
+            columns=["params", *keys], data=[[str(c["params"]), *(c[k] for k in keys)] for c in sel.candidates])})
     images = {"pareto": sdir / "pareto.png", "gap_by_axis": sdir / "gap_by_axis.png",
               "heldout/confusion": sdir / "final" / "confusion.png",
               "heldout/by_metallization_cycles": sdir / "final" / "by_metallization_cycles.png"}
     run.log({k: wandb.Image(str(p)) for k, p in images.items() if p.exists()})
-    ev = summary.get("evaluation")
+    ev = result.evaluation
     if ev:
         for k in ("accuracy", "balanced_accuracy", "macro_precision", "macro_recall", "macro_f1"):
             run.summary[f"heldout/{k}"] = ev[k]
+            run.summary[f"heldout/raw/{k}"] = ev["raw"].get(k)
+        for k, v in ev["baselines"].items():
+            run.summary[f"heldout/baseline/{k}"] = v
+        run.summary["heldout/prior_strength"] = ev["prior_correction"]["strength"]
+        run.summary["heldout/verdict"] = ev["verdict"]
         per = ev["per_class"]
         run.log({"heldout/per_class": wandb.Table(
             columns=["class", "precision", "recall", "f1", "support"],
@@ -111,4 +123,8 @@ def summary_run(cfg: Config, sdir: Path, rows: list[dict[str, Any]], summary: di
         if ev.get("by_metallization_cycles"):
             t = ev["by_metallization_cycles"]
             run.log({"heldout/by_metallization_cycles_table": wandb.Table(columns=list(t[0]), data=[list(r.values()) for r in t])})
+    for k, v in result.timing.get("phases_s", {}).items():
+        run.summary[f"time/{k}_s"] = v
+    if result.timing:
+        run.summary["time/search_efficiency"] = result.timing["search_efficiency"]
     run.finish()

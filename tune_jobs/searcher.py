@@ -21,6 +21,7 @@ from typing import Any
 
 import optuna
 from ray.tune.search.optuna import OptunaSearch
+from ray.tune.utils.util import flatten_dict
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,12 @@ def fail_orphans(study: optuna.Study, known_ids: set[int]) -> list[int]:
 
 
 class HonestOptunaSearch(OptunaSearch):
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        # The trainable takes every search type's parameters in one shape: {"overrides": {dotted key: value}}
+        # (grid points arrive that way from Tune's grid_search). The study keeps the plain dotted names.
+        config = super().suggest(trial_id)
+        return {"overrides": flatten_dict(config, delimiter="/")} if isinstance(config, dict) and config else config
+
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         # Resumed after a crash: the study recorded this trial's end after the searcher's last
         # snapshot, so Tune re-runs it from its checkpoint; the study keeps its first record.

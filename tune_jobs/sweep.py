@@ -1,9 +1,12 @@
 """`pqfn sweep` / `python -m tune_jobs.sweep CONFIG [key=value ...]`: the sweep service on Ray Tune.
 
+`run_sweep` is the whole sweep as one recipe, top to bottom:
+load -> hold out -> search -> collect -> select -> evaluate -> write -> log.
+
 One results folder per sweep (runs/<name>/): resolved config, Tune experiment (restorable), Optuna
-study (SQLite), trials.csv, selection.json, plots, the final model and its held-out evaluation.
-Running the same command again resumes an interrupted sweep; a different config under the same
-name is refused unless --overwrite.
+study (SQLite), trials/ (each trial's fold models), trials.csv, selection.json, plots, the final
+model and its held-out evaluation. Running the same command again resumes an interrupted sweep; a
+different config under the same name is refused unless --overwrite.
 """
 
 from __future__ import annotations
@@ -17,26 +20,34 @@ import shutil
 import sys
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import optuna
+import ray
 import yaml
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import ConcurrencyLimiter
 
 from pqfn.config import Config, dump_config, load_config, with_overrides
+from pqfn.data import Dataset, load_dataset
 from pqfn.errors import ConfigError, PqfnError
+from pqfn.evaluate import evaluate_selection
+from pqfn.metrics import MEMORY_METRICS
+from pqfn.model import check_model_name
+from pqfn.records import COMPLETED, FAILED, STOPPED, SweepResult, TrialOutcome, is_complete
+from pqfn.report import print_summary, write_sweep
+from pqfn.selection import select
+from pqfn.splits import HoldOut, build_pool, split_test
+from pqfn.wandb_log import check_mode, summary_run
+from tune_jobs.searcher import HonestOptunaSearch, fail_orphans
+from tune_jobs.space import grid_points, optuna_space
+from tune_jobs.trainable import PARAMS, make_trainable, params_of
 
 STATE = "sweep.json"
-
-
-def absolutize(cfg: Config) -> Config:
-    """Paths made absolute on the driver, so every worker (any CWD, any node) reads the same place."""
-    ov: dict[str, Any] = {"output_dir": str(cfg.output_dir.resolve()), "data.path": str(cfg.data.path.resolve())}
-    for key, p in (("data.cache_dir", cfg.data.cache_dir), ("data.test_manifest", cfg.data.test_manifest),
-                   ("trial.pretrained", cfg.trial.pretrained)):
-        if p is not None:
-            ov[key] = str(Path(p).resolve())
-    return with_overrides(cfg, ov, source="paths")
 
 
 def _comparable(cfg_dump: dict[str, Any]) -> dict[str, Any]:
@@ -70,12 +81,120 @@ def prepare_folder(cfg: Config, *, resume: bool, overwrite: bool) -> tuple[Path,
     return sdir, state, False
 
 
-def preflight(cfg: Config, data: Any, pool: Any) -> None:
-    """Catch impossible settings before any trial starts (every grid point / every listed choice)."""
-    from pqfn.model import check_model_name
-    from pqfn.splits import build_pool
-    from tune_jobs.space import grid_points, optuna_space
+def run_sweep(cfg: Config, *, address: str | None = None, resume: bool = False, overwrite: bool = False,
+              log: Callable[..., None] = print) -> SweepResult:
+    """The sweep, as one recipe."""
+    cfg = absolutize(cfg)
+    check_mode(cfg)
+    clock = PhaseClock()
+    sdir, state, resuming = prepare_folder(cfg, resume=resume, overwrite=overwrite)
+    # 1. load: decode every image once (generating the synthetic set on first use)
+    with clock("data"):
+        data = load_dataset(cfg.data)
+    # 2. hold out whole packages before any search; check every configuration can run
+    holdout = split_test(data, cfg.data.test_fraction, cfg.data.split_seed)
+    preflight(cfg, data, holdout.pool)
+    log(f"sweep {cfg.name}: {cfg.search.type} search, {total_trials(cfg)} trial(s), "
+        f"{len(holdout.pool)} pool / {len(holdout.test)} held-out images -> {sdir}")
+    # 3. search, 4. collect
+    with clock("ray_start"):
+        started_here = start_ray(address)
+    try:
+        with clock("search"):
+            results = search(cfg, sdir, state, resuming, data, holdout, log)
+        outcomes = collect(results)
+        slots = trial_slots(cfg)
+    finally:
+        if started_here:
+            ray.shutdown()
+    # 5. select the least-overfitting informative configuration
+    selection = select(outcomes, cfg.selection)
+    # 6. evaluate it on the held-out packages (its fold ensemble, prior-corrected)
+    with clock("evaluate"):
+        evaluation = evaluate_selection(cfg, sdir, selection, data, holdout, log=log)
+    # 7. write trials.csv, selection.json, plots, sweep.json; 8. log the summary run to W&B
+    result = SweepResult(folder=str(sdir), selection=selection, evaluation=evaluation,
+                         timing=clock.report(outcomes, slots))
+    write_sweep(sdir, cfg, outcomes, selection)
+    with clock("wandb"):
+        summary_run(cfg, sdir, outcomes, result)
+    result.timing = clock.report(outcomes, slots)
+    state |= {"status": "done", "timing": result.timing}
+    (sdir / STATE).write_text(json.dumps(state, indent=2))
+    return result
 
+
+class PhaseClock:
+    """Wall time per phase of a sweep, and the search's efficiency (issue: a sweep that wastes nothing)."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.phases: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - t
+
+    def report(self, outcomes: list[TrialOutcome], slots: int) -> dict[str, Any]:
+        busy = sum(o.time_total_s for o in outcomes)
+        search = self.phases.get("search", 0.0)
+        return {
+            "total_s": time.perf_counter() - self.t0,
+            "phases_s": dict(self.phases),
+            "trial_time_sum_s": busy,
+            "slots": slots,
+            # summed trial time / (slots x the search's wall time): 1.0 = every slot trained all the time
+            "search_efficiency": busy / (slots * search) if slots and search else float("nan"),
+        }
+
+
+def start_ray(address: str | None) -> bool:
+    """Join `address` or start a private local Ray; True when started here (and so stopped here)."""
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # One snapshot per checkpoint is what makes a killed sweep resumable; Tune's warning about it is noise here.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    ray.init(address=address or "local", include_dashboard=False, logging_level=logging.WARNING,
+             log_to_driver=True, configure_logging=True)
+    return True
+
+
+def search(cfg: Config, sdir: Path, state: dict[str, Any], resuming: bool, data: Dataset, holdout: HoldOut,
+           log: Callable[..., None]) -> Any:
+    """Run (or resume) the Tune experiment; returns Tune's ResultGrid."""
+    check_storage(cfg)
+    trainable = make_trainable(cfg, data, holdout.pool)
+    tuner, param_space = build_tuner(cfg, sdir, state, trainable)
+    tune_path = str(sdir / "tune")
+    if resuming and tune.Tuner.can_restore(tune_path):
+        log(f"resuming the interrupted sweep in {sdir}")
+        tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True,
+                                   resume_errored=False, param_space=param_space or None)
+    elif resuming:
+        _fail_running(cfg, sdir, state)
+    # Work from the sweep folder while Tune runs: inside a Ray Job the driver starts in the job's
+    # unpacked working_dir, which Ray may delete while the job runs (measured on Ray 2.60: gone
+    # before fit() started), and Tune resolves relative paths against the working directory.
+    try:
+        here: str | None = os.getcwd()
+    except FileNotFoundError:
+        here = None
+    os.chdir(sdir)
+    try:
+        return tuner.fit()
+    finally:
+        if here is not None:
+            with contextlib.suppress(OSError):
+                os.chdir(here)
+
+
+def preflight(cfg: Config, data: Dataset, pool: Any) -> None:
+    """Catch impossible settings before any trial starts (every grid point / every listed choice)."""
     if cfg.search.type == "grid":
         points = grid_points(cfg)
     else:
@@ -87,15 +206,22 @@ def preflight(cfg: Config, data: Any, pool: Any) -> None:
         build_pool(data, pool, c.data_size, c.max_copies, c.seed)
 
 
+def total_trials(cfg: Config) -> int:
+    n = cfg.search.num_samples
+    return n * len(grid_points(cfg)) if cfg.search.type == "grid" else n
+
+
+def trial_slots(cfg: Config) -> int:
+    """Trials that can run at once: the cluster's CPUs (or GPUs) over a trial's share, capped by max_concurrent."""
+    res = ray.cluster_resources()
+    fits = int(res.get("CPU", 1) // cfg.resources.cpus_per_trial)
+    gpus = cfg.resources.gpus_per_trial
+    if gpus:
+        fits = min(fits, int(res.get("GPU", 0) // gpus))
+    return max(1, min(fits, cfg.search.max_concurrent, total_trials(cfg)))
+
+
 def build_tuner(cfg: Config, sdir: Path, state: dict[str, Any], trainable: Any) -> Any:
-    import optuna
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search import ConcurrencyLimiter
-
-    from tune_jobs.searcher import HonestOptunaSearch
-    from tune_jobs.space import grid_points, optuna_space
-
     s = cfg.search
     scheduler = None
     if s.asha.enabled:
@@ -117,7 +243,7 @@ def build_tuner(cfg: Config, sdir: Path, state: dict[str, Any], trainable: Any) 
             sampler = optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.n_startup_trials)
         searcher = HonestOptunaSearch(
             space=optuna_space(s),
-            metric=["val/acc", cfg.selection.gap_metric] if multi else "objective",
+            metric=[cfg.selection.metric, cfg.selection.gap_metric] if multi else "objective",
             mode=["max", "min"] if multi else "min",  # type: ignore[arg-type]
             sampler=sampler, study_name=state["study_name"],
             storage=optuna.storages.RDBStorage(f"sqlite:///{sdir / 'optuna.db'}"),
@@ -127,10 +253,10 @@ def build_tuner(cfg: Config, sdir: Path, state: dict[str, Any], trainable: Any) 
             scheduler=scheduler, num_samples=s.num_samples,
         )
     else:
-        param_space = {"overrides": tune.grid_search(grid_points(cfg))}
+        param_space = {PARAMS: tune.grid_search(grid_points(cfg))}
         tune_config = tune.TuneConfig(scheduler=scheduler, num_samples=s.num_samples, max_concurrent_trials=s.max_concurrent)
     run_config = tune.RunConfig(
-        name="tune", storage_path=str(sdir), callbacks=[ProgressLines(cfg)],
+        name="tune", storage_path=str(sdir), callbacks=[ProgressLines(total_trials(cfg))],
         failure_config=tune.FailureConfig(max_failures=s.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         verbose=0,
@@ -138,136 +264,58 @@ def build_tuner(cfg: Config, sdir: Path, state: dict[str, Any], trainable: Any) 
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config), param_space
 
 
-def _progress_base() -> type:
-    from ray.tune import Callback
-
-    return Callback
-
-
-class ProgressLines(_progress_base()):  # type: ignore[misc]
+class ProgressLines(tune.Callback):
     """One readable line per finished trial (Tune's own table is off: verbose=0)."""
 
-    def __init__(self, cfg: Config) -> None:
-        self.total = cfg.search.num_samples
-        if cfg.search.type == "grid":
-            from tune_jobs.space import grid_points
-
-            self.total *= len(grid_points(cfg))
+    def __init__(self, total: int) -> None:
+        self.total = total
         self.done = 0
 
     def _line(self, trial: Any, what: str) -> None:
-        from tune_jobs.trainable import trial_overrides
-
         self.done += 1
         m = trial.last_result or {}
-        params = ", ".join(f"{k.split('.', 1)[-1]}={v}" for k, v in trial_overrides(trial.config).items())
-        extra = f"val/acc {m['val/acc']:.3f}, gap/acc {m['gap/acc']:+.3f}, epoch {int(m['epoch'])}" if "val/acc" in m else ""
+        params = ", ".join(f"{k.split('.', 1)[-1]}={v}" for k, v in params_of(trial.config).items())
+        extra = (f"val/bal_acc {m['val/bal_acc']:.3f}, worst class recall {m['val/min_recall']:.3f}, "
+                 f"gap/acc {m['gap/acc']:+.3f}, epoch {int(m['epoch'])}" if "val/bal_acc" in m else "")
         print(f"[{self.done}/{self.total}] trial {trial.trial_id} ({params}): {what}{'; ' + extra if extra else ''}", flush=True)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        from tune_jobs.trainable import is_complete
-
         self._line(trial, "completed" if is_complete(trial.last_result or {}) else "stopped early")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._line(trial, "FAILED (see trials.csv, column error)")
 
 
-def collect(results: Any) -> list[dict[str, Any]]:
-    """ResultGrid -> one row per trial (its overrides, final metrics, status)."""
-    from pqfn.metrics import MEMORY_METRICS
-    from pqfn.report import TRIAL_METRICS
-    from pqfn.selection import COMPLETED, FAILED, STOPPED
-    from tune_jobs.trainable import is_complete, trial_overrides
-
+def collect(results: Any) -> list[TrialOutcome]:
+    """Tune's ResultGrid -> one typed outcome per trial."""
     rows = []
     for r in results:
         m = dict(r.metrics or {})
         status = FAILED if r.error is not None else (COMPLETED if is_complete(m) else STOPPED)
-        row: dict[str, Any] = {
-            "trial_id": m.get("trial_id") or Path(r.path).name, "status": status,
-            "params": trial_overrides(r.config or {}),
-            "metrics": {k: v for k, v in m.items() if "/" in k or k in ("epoch", "epochs", "objective")},
-            "epoch": m.get("epoch", 0), "node_ip": m.get("node_ip", ""), "node_id": m.get("node_id", ""),
-            "restored_from": m.get("restored_from", 0.0),
-            "time_total_s": m.get("time_total_s", 0.0),
-            "error": "" if r.error is None else str(r.error).strip().splitlines()[-1][:300],
-        }
-        for k in (*TRIAL_METRICS, *MEMORY_METRICS):
-            row[k] = m.get(k, float("nan"))
-        rows.append(row)
-    return sorted(rows, key=lambda r: r["trial_id"])
+        metrics = {k: float(v) for k, v in m.items()
+                   if isinstance(v, (int, float)) and ("/" in k or k in ("epoch", "epochs", "objective", "n_folds"))}
+        rows.append(TrialOutcome(
+            trial_id=m.get("trial_id") or Path(r.path).name, status=status, params=params_of(r.config or {}),
+            metrics=metrics | {k: float(m.get(k, float("nan"))) for k in MEMORY_METRICS},
+            epoch=int(m.get("epoch", 0)), node_ip=str(m.get("node_ip", "")), node_id=str(m.get("node_id", "")),
+            restored_from=float(m.get("restored_from", 0.0)), time_total_s=float(m.get("time_total_s", 0.0)),
+            error="" if r.error is None else str(r.error).strip().splitlines()[-1][:300],
+        ))
+    return sorted(rows, key=lambda r: r.trial_id)
 
 
-def run_sweep(cfg: Config, *, address: str | None = None, resume: bool = False, overwrite: bool = False,
-              log: Any = print) -> dict[str, Any]:
-    import ray
-    from ray import tune
-
-    from pqfn.data import load_dataset
-    from pqfn.report import write_sweep_outputs
-    from pqfn.splits import split_test
-    from pqfn.wandb_log import check_mode, summary_run
-    from tune_jobs.trainable import make_trainable
-
-    cfg = absolutize(cfg)
-    check_mode(cfg)
-    t0 = time.perf_counter()
-    sdir, state, resuming = prepare_folder(cfg, resume=resume, overwrite=overwrite)
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    # One snapshot per checkpoint is what makes a killed sweep resumable; Tune's warning about it is noise here.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    data = load_dataset(cfg.data)
-    holdout = split_test(data, cfg.data.test_fraction, cfg.data.split_seed)
-    preflight(cfg, data, holdout.pool)
-    log(f"sweep {cfg.name}: {cfg.search.type} search, {cfg.search.num_samples} sample(s), "
-        f"{len(holdout.pool)} pool / {len(holdout.test)} held-out images -> {sdir}")
-
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(address=address or "local", include_dashboard=False, logging_level=logging.WARNING,
-                 log_to_driver=True, configure_logging=True)
-    try:
-        check_storage(cfg)
-        trainable = make_trainable(cfg, data, holdout.pool)
-        tuner, param_space = build_tuner(cfg, sdir, state, trainable)
-        tune_path = str(sdir / "tune")
-        if resuming and tune.Tuner.can_restore(tune_path):
-            log(f"resuming the interrupted sweep in {sdir}")
-            tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True,
-                                       resume_errored=False, param_space=param_space or None)
-        elif resuming:
-            _fail_running(cfg, sdir, state)
-        # Work from the sweep folder while Tune runs: inside a Ray Job the driver starts in the job's
-        # unpacked working_dir, which Ray may delete while the job runs (measured on Ray 2.60: gone
-        # before fit() started), and Tune resolves relative paths against the working directory.
-        try:
-            here: str | None = os.getcwd()
-        except FileNotFoundError:
-            here = None
-        os.chdir(sdir)
-        try:
-            results = tuner.fit()
-        finally:
-            if here is not None:
-                with contextlib.suppress(OSError):
-                    os.chdir(here)
-        rows = collect(results)
-        summary = write_sweep_outputs(sdir, cfg, rows, data, holdout, log=log)
-    finally:
-        if started_here:
-            ray.shutdown()
-    summary["seconds"] = time.perf_counter() - t0
-    state["status"] = "done"
-    (sdir / STATE).write_text(json.dumps(state, indent=2))
-    summary_run(cfg, sdir, rows, summary)
-    return summary
+def absolutize(cfg: Config) -> Config:
+    """Paths made absolute on the driver, so every worker (any CWD, any node) reads the same place."""
+    ov: dict[str, Any] = {"output_dir": str(cfg.output_dir.resolve()), "data.path": str(cfg.data.path.resolve())}
+    for key, p in (("data.cache_dir", cfg.data.cache_dir), ("data.test_manifest", cfg.data.test_manifest),
+                   ("trial.pretrained", cfg.trial.pretrained)):
+        if p is not None:
+            ov[key] = str(Path(p).resolve())
+    return with_overrides(cfg, ov, source="paths")
 
 
 def check_storage(cfg: Config) -> None:
     """Results, checkpoints and the Optuna study must be reachable from every node."""
-    import ray
-
     hosts = {n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}
     if len(hosts) > 1 and not cfg.resources.shared_storage:
         raise PqfnError(
@@ -281,38 +329,11 @@ def _fail_running(cfg: Config, sdir: Path, state: dict[str, Any]) -> None:
     """A sweep killed before Tune's first snapshot: nothing to restore; orphaned study trials -> FAIL."""
     if cfg.search.type != "optuna" or not (sdir / "optuna.db").exists():
         return
-    import optuna
-
-    from tune_jobs.searcher import fail_orphans
-
     try:
         study = optuna.load_study(study_name=state["study_name"], storage=f"sqlite:///{sdir / 'optuna.db'}")
     except KeyError:
         return
     fail_orphans(study, set())
-
-
-def print_summary(s: dict[str, Any], log: Any = print) -> None:
-    sel = s["selection"]
-    c = sel["counts"]
-    log("")
-    log(f"trials: {c['completed']} completed, {c['stopped']} stopped early, {c['failed']} failed "
-        f"({s['seconds']:.0f} s in all)")
-    if sel["selected"] is None:
-        log(f"no configuration selected: {sel['reason']}")
-    else:
-        x = sel["selected"]
-        m = x["metrics"]
-        params = ", ".join(f"{k.split('.', 1)[1]}={v}" for k, v in x["params"].items())
-        log(f"selected: {params}")
-        log(f"  val/acc {m['val/acc']:.3f} +- {m['val/acc_std']:.3f}, gap/acc {m['gap/acc']:+.3f}, "
-            f"gap/loss {m['gap/loss']:+.3f} (mean of folds)")
-        log(f"  why: {sel['reason']} (rule: {sel['rule']['text']})")
-    ev = s.get("evaluation")
-    if ev:
-        log(f"held-out test ({ev['n_test_images']} images, {ev['n_test_packages']} packages): accuracy {ev['accuracy']:.3f}, "
-            f"macro precision {ev['macro_precision']:.3f}, macro recall {ev['macro_recall']:.3f}")
-    log(f"results: {s['folder']}  (trials.csv, selection.json, pareto.png, gap_by_axis.png, final/)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -331,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pqfn: error: {e}", file=sys.stderr)
         return 2
     print_summary(summary)
-    return 0 if summary["selection"]["selected"] is not None else 1
+    return 0 if summary.selection.selected is not None else 1
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
-"""The Tune adapter: config dict -> trial config -> cross_validate -> tune.report (every Ray call here).
+"""The Tune adapter: config dict -> trial config -> CrossValidation.fit -> tune.report (every Ray call here).
 
+Every search type hands the trainable the same shape: {"overrides": {dotted key: value}} (grid
+points from Tune's grid_search, Optuna suggestions wrapped by HonestOptunaSearch.suggest).
 The decoded data set arrives through the object store (tune.with_parameters), read-only, once per
 node; it is never re-read from disk per trial or per fold.
 """
@@ -7,7 +9,6 @@ node; it is never re-read from disk per trial or per fold.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import tempfile
 from pathlib import Path
@@ -22,45 +23,57 @@ from pqfn.config import Config, with_overrides
 from pqfn.data import Dataset
 from pqfn.metrics import process_memory_mb
 from pqfn.selection import search_objective
-from pqfn.trial import CrossValidation, cross_validate
+from pqfn.trial import CrossValidation
+from pqfn.wandb_log import trial_run
 
 STATE_FILE = "trial_state.pt"
+PARAMS = "overrides"  # the one key under which every search type passes a trial's parameters
 
 
-def trial_overrides(config: dict[str, Any]) -> dict[str, Any]:
-    """Tune's config -> dotted-key overrides (grid points arrive under 'overrides')."""
-    flat = {k: v for k, v in config.items() if k != "overrides"}
-    return flat | dict(config.get("overrides") or {})
+def params_of(config: dict[str, Any]) -> dict[str, Any]:
+    """Tune's trial config -> the trial's dotted-key parameters."""
+    return dict(config.get(PARAMS) or {})
+
+
+def trial_folder(cfg: Config, trial_id: str) -> Path:
+    """Where a trial's fold models and out-of-fold predictions go (the selected one's become the final model)."""
+    return cfg.output_dir / cfg.name / "trials" / trial_id
 
 
 def run_trial(config: dict[str, Any], *, base: Config, data: Dataset, pool: np.ndarray, cpus: float) -> None:
     """A function trainable. It must not return a value (Tune would report it as an extra result)."""
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # no "Checkpoint successfully created" per epoch
-    cfg = with_overrides(base, trial_overrides(config) | {"trial.threads": max(1, int(cpus))})
+    params = params_of(config)
+    cfg = with_overrides(base, params | {"trial.threads": max(1, int(cpus))})
     tc = cfg.trial
     torch.set_num_threads(tc.threads)
     every = cfg.search.checkpoint_every
+    ctx = tune.get_context()
+    trial_id = ctx.get_trial_id()
 
-    resume = None
+    cv = CrossValidation(tc, data, pool)
+    restored_from = 0.0
     ckpt = tune.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            resume = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+            cv.load_state_dict(torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False))
+        restored_from = float(cv.epoch)
 
-    run = _wandb_run(cfg, config)
+    run = trial_run(cfg, params, trial_name=ctx.get_trial_name(), trial_id=trial_id)
     node_id = ray.get_runtime_context().get_node_id()
-    restored_from = float(resume["epoch"]) if resume else 0.0
 
     def on_epoch(rec: dict[str, float], cv: CrossValidation) -> None:
         out: dict[str, Any] = dict(rec)
         out["epochs"] = float(tc.epochs)
-        out["objective"] = search_objective(rec, cfg.selection.gap_metric, cfg.selection.floor)
+        out["objective"] = search_objective(rec, cfg.selection)
         out["node_id"] = node_id  # which Ray node ran this epoch (node_ip is the same for nodes on one host)
         out["restored_from"] = restored_from  # epoch of the checkpoint this run resumed from; 0 = fresh
         out |= process_memory_mb()  # mem/*: the data set maps the object store, shared
         if run is not None:
             run.log(out, step=int(rec["epoch"]))
         last = cv.epoch >= tc.epochs
+        if last:
+            cv.save_models(trial_folder(cfg, trial_id))  # before the last report: the driver may end the sweep
         if not last and cv.epoch % every == 0:
             with tempfile.TemporaryDirectory() as d:
                 torch.save(cv.state_dict(), os.path.join(d, STATE_FILE))
@@ -69,7 +82,7 @@ def run_trial(config: dict[str, Any], *, base: Config, data: Dataset, pool: np.n
             tune.report(out)
 
     try:
-        cross_validate(tc, data, pool, on_epoch=on_epoch, resume=resume)
+        cv.fit(on_epoch)
     finally:
         if run is not None:
             import wandb
@@ -78,18 +91,9 @@ def run_trial(config: dict[str, Any], *, base: Config, data: Dataset, pool: np.n
             wandb.teardown()  # before Ray ends this worker: avoids a lost-connection traceback at exit
 
 
-def _wandb_run(cfg: Config, config: dict[str, Any]) -> Any:
-    from pqfn.wandb_log import trial_run
-
-    ctx = tune.get_context()
-    return trial_run(cfg, trial_overrides(config), trial_name=ctx.get_trial_name(), trial_id=ctx.get_trial_id())
-
-
 def resources(cfg: Config) -> dict[str, float]:
     gpus = cfg.resources.gpus_per_trial
     if gpus is None:
-        import ray
-
         gpus = 0.25 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     return {"cpu": cfg.resources.cpus_per_trial, "gpu": gpus}
 
@@ -98,7 +102,3 @@ def make_trainable(cfg: Config, data: Dataset, pool: np.ndarray) -> Any:
     res = resources(cfg)
     fn = tune.with_parameters(run_trial, base=cfg, data=data, pool=pool, cpus=res["cpu"])
     return tune.with_resources(fn, res)
-
-
-def is_complete(metrics: dict[str, Any]) -> bool:
-    return metrics.get("epoch", 0) >= metrics.get("epochs", math.inf)

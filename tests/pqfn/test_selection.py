@@ -1,43 +1,81 @@
+"""The selection rule on hand-made tables of trials (no training): class-aware, noise-aware, as documented."""
+
 from __future__ import annotations
 
-from typing import Any
+import math
 
+from pqfn.config import SelectionConfig
+from pqfn.records import TrialOutcome
 from pqfn.selection import pareto_front, search_objective, select
 
-
-def _row(tid: str, status: str, val: float, gap: float) -> dict[str, Any]:
-    return {"trial_id": tid, "status": status, "val/acc": val, "gap/acc": gap, "params": {"trial.resolution": 32}}
+SEL = SelectionConfig(metric="val/bal_acc", gap_metric="gap/acc", floor=0.4, min_class_recall=0.2, se_multiplier=1.0)
 
 
-def test_smallest_gap_among_informative() -> None:
+def _row(tid: str, bal: float, gap: float, *, status: str = "completed", min_recall: float = 0.5,
+         bal_std: float = 0.03, gap_std: float = 0.03, folds: int = 3) -> TrialOutcome:
+    m = {"val/bal_acc": bal, "val/bal_acc_std": bal_std, "val/acc": bal, "gap/acc": gap, "gap/acc_std": gap_std,
+         "val/min_recall": min_recall, "n_folds": float(folds)}
+    return TrialOutcome(trial_id=tid, status=status, params={"trial.resolution": int(tid[-1]) if tid[-1].isdigit() else 0},  # type: ignore[arg-type]
+                        metrics=m)
+
+
+def test_a_configuration_blind_to_one_class_is_never_selected() -> None:
+    # 'blind' merges B into D: decent balanced accuracy, the smallest gap of all, but class B is never found.
+    rows = [_row("blind", 0.62, 0.00, min_recall=0.02), _row("sees-all", 0.64, 0.12), _row("also", 0.63, 0.15)]
+    sel = select(rows, SEL)
+    assert sel.selected is not None and sel.selected["trial_id"] == "sees-all"
+    verdicts = {c["trial_id"]: c["verdict"] for c in sel.candidates}
+    assert "blind to a class" in verdicts["blind"]
+    assert min(r.get("gap/acc") for r in rows) == 0.0  # it did have the smallest gap
+
+
+def test_noise_aware_rule_on_a_hand_made_table() -> None:
+    # SE = std / sqrt(3). bal SE 0.03/1.732 = 0.0173.
     rows = [
-        _row("learns-nothing", "completed", 0.25, 0.0),  # gap 0 because nothing is learned
-        _row("stopped-early", "stopped", 0.70, 0.01),  # ASHA-stopped: small gap only because early
-        _row("failed", "failed", float("nan"), float("nan")),
-        _row("best-acc", "completed", 0.80, 0.15),
-        _row("winner", "completed", 0.76, 0.05),
-        _row("too-weak", "completed", 0.60, 0.02),  # outside the tolerance from the best
+        _row("best", 0.70, 0.20),              # best bal_acc; gap clearly larger than 'small-gap'
+        _row("small-gap", 0.69, 0.05),         # within 1 SE of the best (0.01 < 0.0173 * ... combined): contender
+        _row("tied-gap", 0.695, 0.07),         # gap +0.02 vs combined SE 0.0245: tied on gap, better bal -> wins
+        _row("weak", 0.60, 0.01),              # informative, but 0.10 below the best: far outside the noise
+        _row("learns-nothing", 0.25, 0.0),     # below the floor
+        _row("stopped", 0.75, 0.0, status="stopped"),  # ASHA-stopped: never considered
+        _row("failed", math.nan, math.nan, status="failed"),
     ]
-    sel = select(rows, "gap/acc", tolerance=0.05, floor=0.4)
-    assert sel["selected"]["trial_id"] == "winner"
-    assert sel["counts"] == {"completed": 4, "stopped": 1, "failed": 1}
-    assert "smallest gap/acc" in sel["rule"]["text"]
-    front = [p["trial_id"] for p in sel["pareto_front"]]
-    assert "stopped-early" not in front and "learns-nothing" in front and "best-acc" in front
+    sel = select(rows, SEL)
+    assert sel.selected is not None and sel.selected["trial_id"] == "tied-gap"
+    assert sel.counts == {"completed": 5, "stopped": 1, "failed": 1}
+    v = {c["trial_id"]: c["verdict"] for c in sel.candidates}
+    assert v["tied-gap"] == "selected"
+    assert v["small-gap"].startswith("tied on gap/acc")
+    assert "above the smallest" in v["best"]
+    assert "below the best" in v["weak"] and "floor" in v["learns-nothing"]
+    assert [t["trial_id"] for t in sel.tied] == ["small-gap"]  # bal and gap both within noise of the winner
+    assert sel.best is not None and sel.best["trial_id"] == "best"
+    # A stricter noise multiplier of 0 degenerates to "best metric, then smallest gap among exact ties".
+    strict = select(rows, SEL.model_copy(update={"se_multiplier": 0.0}))
+    assert strict.selected is not None and strict.selected["trial_id"] == "best"
+
+
+def test_more_folds_shrink_the_noise() -> None:
+    # The same means: with 3 noisy folds the two are tied on the metric; with many folds they are not.
+    noisy = [_row("a", 0.70, 0.20, bal_std=0.08), _row("b", 0.66, 0.05, bal_std=0.08)]
+    assert select(noisy, SEL).selected["trial_id"] == "b"  # type: ignore[index]
+    precise = [_row("a", 0.70, 0.20, bal_std=0.08, folds=100), _row("b", 0.66, 0.05, bal_std=0.08, folds=100)]
+    assert select(precise, SEL).selected["trial_id"] == "a"  # type: ignore[index]
 
 
 def test_no_informative_trial_selects_nothing() -> None:
-    sel = select([_row("a", "completed", 0.26, 0.0), _row("b", "stopped", 0.9, 0.0)], "gap/acc", 0.05, 0.4)
-    assert sel["selected"] is None and "below the floor" in sel["reason"]
-    assert select([], "gap/acc", 0.05, 0.4)["selected"] is None
+    sel = select([_row("a", 0.26, 0.0), _row("b", 0.9, 0.0, status="stopped")], SEL)
+    assert sel.selected is None and "no completed trial is informative" in sel.reason
+    assert select([], SEL).selected is None
 
 
 def test_pareto_front_is_non_dominated() -> None:
-    rows = [_row("a", "completed", 0.5, 0.1), _row("b", "completed", 0.6, 0.2), _row("c", "completed", 0.55, 0.25)]
-    assert [r["trial_id"] for r in pareto_front(rows, "gap/acc")] == ["a", "b"]
+    rows = [_row("a", 0.5, 0.1), _row("b", 0.6, 0.2), _row("c", 0.55, 0.25)]
+    assert [r.trial_id for r in pareto_front(rows, "val/bal_acc", "gap/acc")] == ["a", "b"]
 
 
-def test_search_objective_penalises_learning_nothing() -> None:
-    assert search_objective({"val/acc": 0.25, "gap/acc": 0.0}, "gap/acc", 0.4) > search_objective(
-        {"val/acc": 0.7, "gap/acc": 0.1}, "gap/acc", 0.4)
-    assert search_objective({"val/acc": 0.7, "gap/acc": 0.1}, "gap/acc", 0.4) == 0.1
+def test_search_objective_penalises_learning_nothing_and_missing_a_class() -> None:
+    good = {"val/bal_acc": 0.7, "gap/acc": 0.1, "val/min_recall": 0.5}
+    assert search_objective({"val/bal_acc": 0.25, "gap/acc": 0.0, "val/min_recall": 0.0}, SEL) > search_objective(good, SEL)
+    assert search_objective({"val/bal_acc": 0.7, "gap/acc": 0.0, "val/min_recall": 0.0}, SEL) > search_objective(good, SEL)
+    assert search_objective(good, SEL) == 0.1

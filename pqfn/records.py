@@ -1,0 +1,82 @@
+"""Typed records passed between the stages of a sweep: one trial's outcome, the selection.
+
+Statuses and the metric names a row carries are defined here once; the sweep (tune_jobs/),
+the selection, the report, `pqfn report` and W&B all read and write these records.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+Status = Literal["completed", "stopped", "failed"]
+COMPLETED: Status = "completed"  # ran its full epoch budget: the only status the selection considers
+STOPPED: Status = "stopped"  # stopped early by the scheduler (ASHA): its small early gap means nothing
+FAILED: Status = "failed"
+STATUSES: tuple[Status, ...] = (COMPLETED, STOPPED, FAILED)
+
+
+def is_complete(metrics: dict[str, Any]) -> bool:
+    """A trial's last record reached its epoch budget."""
+    return float(metrics.get("epoch", 0)) >= float(metrics.get("epochs", math.inf))
+
+
+@dataclass
+class TrialOutcome:
+    """One trial as the selection and the reports see it: its parameters and final fold-mean metrics."""
+
+    trial_id: str
+    status: Status
+    params: dict[str, Any]  # the searched keys, dotted (trial.resolution: 48)
+    metrics: dict[str, float] = field(default_factory=dict)  # final record in the pqfn.metrics vocabulary
+    epoch: int = 0
+    time_total_s: float = 0.0
+    node_ip: str = ""
+    node_id: str = ""
+    restored_from: float = 0.0
+    error: str = ""
+
+    def get(self, key: str) -> float:
+        """A metric, NaN when the trial never reported it (failed before its first epoch)."""
+        v = self.metrics.get(key, math.nan)
+        return float(v) if isinstance(v, (int, float)) else math.nan
+
+    def se(self, key: str) -> float:
+        """Standard error of a fold-mean metric: its fold standard deviation / sqrt(folds)."""
+        n = self.get("n_folds")
+        return self.get(f"{key}_std") / math.sqrt(n) if n and n > 0 else math.nan
+
+    def brief(self) -> dict[str, Any]:
+        return {"trial_id": self.trial_id, "params": self.params}
+
+
+@dataclass
+class Selection:
+    """What the selection decided and why (written as selection.json)."""
+
+    rule: dict[str, Any]
+    counts: dict[str, int]
+    selected: dict[str, Any] | None = None  # trial_id, params, the deciding metrics and their standard errors
+    reason: str = ""
+    tied: list[dict[str, Any]] = field(default_factory=list)  # statistically tied with the winner
+    candidates: list[dict[str, Any]] = field(default_factory=list)  # every completed trial and its verdict
+    pareto_front: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] | None = None  # the completed trial with the best selection metric
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Selection:
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+@dataclass
+class SweepResult:
+    """What a sweep hands back (and prints): where, what was selected, how it did on held-out packages, time."""
+
+    folder: str
+    selection: Selection
+    evaluation: dict[str, Any] | None = None  # final/evaluation.json; None when disabled or nothing selected
+    timing: dict[str, Any] = field(default_factory=dict)  # phases, summed trial time, slots, search efficiency
