@@ -79,7 +79,8 @@ def read_json(path: Path, what: str = "JSON file", error: type[PqfnError] = Pqfn
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        cut = " (the file ends early: it may be half-written)" if e.pos >= len(text.rstrip()) else ""
+        ends_early = e.pos >= len(text.rstrip()) or e.msg.startswith("Unterminated string")
+        cut = " (the file ends early: it may be half-written)" if ends_early else ""
         raise error(f"{path}: line {e.lineno} column {e.colno}: not valid JSON ({e.msg}){cut}; expected a {what}") from None
 
 
@@ -101,7 +102,7 @@ def read_csv(path: Path, what: str, required: tuple[str, ...] = (), error: type[
     Blank lines are skipped. Line numbers count physical lines, as an editor shows them.
     """
     text = read_text(path, what, error)
-    reader = csv.reader(io.StringIO(text, newline=""))
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)  # an unclosed quote is damage, not data
     try:
         header = next(reader, None)
         if header is None:
@@ -128,7 +129,8 @@ def read_csv(path: Path, what: str, required: tuple[str, ...] = (), error: type[
     return CsvTable(path, header, rows)
 
 
-def load_checkpoint(path: Path, required: tuple[str, ...] = (), error: type[PqfnError] = PqfnError) -> dict[str, Any]:
+def load_checkpoint(path: Path, required: tuple[str, ...] = (), error: type[PqfnError] = PqfnError,
+                    hint: str = "") -> dict[str, Any]:
     """A torch checkpoint (a dict). Truncated, zeroed or foreign files -> one `error` line naming the file.
 
     A run killed mid-write or a full disk leaves exactly such files; torch reports them as
@@ -136,18 +138,20 @@ def load_checkpoint(path: Path, required: tuple[str, ...] = (), error: type[Pqfn
     """
     import torch
 
+    then = f"; {hint}" if hint else ""
     if not path.is_file():
-        raise error(f"{path}: no checkpoint to resume from")
+        raise error(f"{path}: no checkpoint to resume from{then}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except MemoryError:
         raise
     except Exception as e:  # noqa: BLE001 - torch.load fails in many ways on a damaged file; all mean the same
         raise error(f"{path}: damaged checkpoint, cannot be read ({type(e).__name__}: {_first_line(e)}); "
-                    "the run cannot resume from it") from None
+                    f"the run cannot resume from it{then}") from None
     if not isinstance(state, dict) or any(k not in state for k in required):
         lacks = [k for k in required if not isinstance(state, dict) or k not in state]
-        raise error(f"{path}: not a pqfn checkpoint (lacks {lacks or 'a dict of state'}); the run cannot resume from it")
+        raise error(f"{path}: not a pqfn checkpoint (lacks {lacks or 'a dict of state'}); the run cannot resume "
+                    f"from it{then}")
     return state
 
 

@@ -38,7 +38,8 @@ def split_test(ds: Dataset, test_fraction: float, seed: int) -> HoldOut:
         pool = np.flatnonzero(~ds.is_test)
         both = set(ds.package_ids[test]) & set(ds.package_ids[pool])
         if both:
-            raise DataError(f"data.test_manifest: package(s) {sorted(both)[:5]} also appear in the training data")
+            shown = ", ".join(str(p) for p in sorted(both)[:5])  # plain ids, not np.str_('P00')
+            raise DataError(f"data.test_manifest: {len(both)} package(s) also appear in the training data: {shown}")
         return HoldOut(pool, test)
     n_splits = max(2, round(1 / test_fraction))
     n_pkg = len(np.unique(ds.package_ids))

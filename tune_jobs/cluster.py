@@ -22,8 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from pqfn.errors import PqfnError
+from pqfn.io import atomic_write_text, read_json
 
 STATE = "cluster.json"
+# What `up` writes and `env`, `down` and `pqfn submit` read; anything else in the file is ignored.
+STATE_KEYS: dict[str, type] = {"pids": list, "gcs_address": str, "dashboard": str, "token_path": str, "python": str}
 
 
 def _alive(pid: int) -> bool:
@@ -41,8 +44,22 @@ def auth_env(token_path: Path) -> dict[str, str]:
 
 
 def read_state(folder: Path) -> dict[str, Any] | None:
+    """The cluster.json that `up` wrote, or None when there is none; a damaged one is one PqfnError line."""
     f = folder / STATE
-    return json.loads(f.read_text()) if f.exists() else None
+    if not f.exists():
+        return None
+    fix = ("delete it and run `pqfn cluster up` again (stop any Ray processes it started yourself: "
+           "`ray stop` would stop every Ray cluster of this user)")
+    try:
+        state = read_json(f, "pqfn cluster state file")
+    except PqfnError as e:
+        raise PqfnError(f"{e}; {fix}") from None
+    bad = [k for k, t in STATE_KEYS.items() if not isinstance(state, dict) or not isinstance(state.get(k), t)]
+    if not bad and not all(isinstance(p, int) for p in state["pids"]):
+        bad = ["pids"]
+    if bad:
+        raise PqfnError(f"{f}: lacks or has a wrong {', '.join(bad)}; expected the state written by `pqfn cluster up`; {fix}")
+    return dict(state)
 
 
 def _node_env(token: Path) -> dict[str, str]:
@@ -104,7 +121,7 @@ def up(folder: Path, *, workers: int = 1, cpus_per_node: int = 1, gpus_per_node:
         raise
     state = {"pids": pids, "gcs_address": gcs, "dashboard": f"http://127.0.0.1:{dashboard_port}",
              "token_path": str(token), "temp_dir": str(temp), "python": sys.executable, "nodes": 1 + workers}
-    (folder / STATE).write_text(json.dumps(state, indent=2))
+    atomic_write_text(folder / STATE, json.dumps(state, indent=2))  # never half-written, even if killed here
     return state
 
 
