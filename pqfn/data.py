@@ -6,7 +6,6 @@ decode size), so a second run does not decode again; a changed file invalidates 
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
@@ -308,17 +307,13 @@ MASK_COLUMN = "mask"
 
 def manifest_masks(manifest: Path) -> dict[Path, Path]:
     """The manifest's `mask` column: resolved image file -> mask file ({} without that column)."""
-    try:
-        with manifest.open(newline="") as f:
-            reader = csv.DictReader(f)
-            if MASK_COLUMN not in (reader.fieldnames or []):
-                return {}
-            return {
-                (manifest.parent / r["path"].strip()).resolve(): manifest.parent / r[MASK_COLUMN].strip()
-                for r in reader if (r.get("path") or "").strip() and (r.get(MASK_COLUMN) or "").strip()
-            }
-    except OSError as e:
-        raise DataError(f"{manifest}: cannot read manifest ({e.strerror or e})") from None
+    table = read_csv(manifest, "manifest", required=("path",), error=DataError)  # binary/ragged: one line
+    if MASK_COLUMN not in table.columns:
+        return {}
+    return {
+        (manifest.parent / r["path"].strip()).resolve(): manifest.parent / r[MASK_COLUMN].strip()
+        for _, r in table if r["path"].strip() and r[MASK_COLUMN].strip()
+    }
 
 
 def _find_mask(file: Path, tables: dict[Path, dict[Path, Path]]) -> Path | None:
