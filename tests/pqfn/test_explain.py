@@ -1,0 +1,65 @@
+"""Grad-CAM through the grad-cam package, and the localisation score against hand-made masks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pqfn.bundle import load_bundle
+from pqfn.explain import gradcam, localisation_score, target_layers
+from tests.pqfn.bundles import make_bundle
+
+
+def test_localisation_score_by_hand() -> None:
+    heat = np.zeros((6, 8, 8), np.float32)
+    masks = np.zeros((6, 8, 8), np.uint8)
+    labels = np.array([0, 0, 1, 2, 3, 0])  # A, A, B, C, D, A
+    masks[0, :4, :4] = 1  # A: die-pad patch of 16/64 pixels, peak inside -> hit
+    heat[0, 1, 2] = 1.0
+    masks[1, :4, :4] = 1  # A: same patch, peak outside -> miss
+    heat[1, 7, 7] = 1.0
+    masks[2, 0, 7] = 2  # B: one bond-pad pixel, peak on it -> hit
+    heat[2, 0, 7] = 1.0
+    masks[3, 4:, 4:] = 1  # C: constant heat map -> no peak -> miss
+    heat[3] = 0.5
+    heat[4, 3, 3] = 1.0  # D: not scored
+    heat[5, 0, 0] = 1.0  # A whose mask vanished at this resolution: not scored, counted
+    s = localisation_score(heat, masks, labels)
+    assert s["A"] == pytest.approx({"n": 2, "n_empty_mask": 1, "peak_hit": 0.5, "random": 0.25, "margin": 0.25,
+                                    "se": np.sqrt(0.25 / 2)})
+    assert s["B"]["peak_hit"] == 1.0 and s["B"]["random"] == pytest.approx(1 / 64)
+    assert s["C"]["peak_hit"] == 0.0 and s["C"]["n"] == 1
+    assert s["all"]["n"] == 4 and s["all"]["peak_hit"] == 0.5
+
+
+def test_gradcam_points_at_the_evidence() -> None:
+    # logit 0 = mean of the rectified feature map, so class 0's evidence is where the image is bright;
+    # logit 1 is its negative: the bright patch speaks against it, so its map is coldest there.
+    conv = nn.Conv2d(1, 1, 1)
+    head = nn.Linear(1, 4, bias=False)
+    with torch.no_grad():
+        conv.weight.fill_(1.0)
+        conv.bias.zero_()
+        head.weight.copy_(torch.tensor([[1.0], [-1.0], [0.0], [0.0]]))
+    model = nn.Sequential(conv, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), head)
+    images = torch.full((2, 1, 16, 16), 40, dtype=torch.uint8)
+    images[:, :, 10:13, 2:5] = 250  # a bright "delaminated" patch
+    heat = gradcam(model, images, [0, 1])
+    assert heat.shape == (2, 16, 16) and heat.dtype == np.float32
+    y, x = np.unravel_index(heat[0].argmax(), heat[0].shape)
+    assert 10 <= y < 13 and 2 <= x < 5 and heat[0].max() == pytest.approx(1.0, abs=1e-5)
+    assert heat[1, 10:13, 2:5].max() == 0.0 and heat[1, :8].min() > 0.5
+
+
+def test_gradcam_on_a_bundle_model_and_its_layer(tmp_path: Path) -> None:
+    b = load_bundle(make_bundle(tmp_path / "b", members=2))
+    layers = target_layers(b.model, 32)
+    assert len(layers) == 2 and layers[0] is b.model.members[0].layer2  # 32 px: stride 8 gives 4x4 cells
+    assert target_layers(b.model, 64)[0] is b.model.members[0].layer3
+    images = torch.randint(0, 256, (3, 1, 32, 32), dtype=torch.uint8)
+    heat = gradcam(b.model, images, [0, 2, 3])
+    assert heat.shape == (3, 32, 32) and heat.min() >= 0 and heat.max() <= 1 + 1e-6
