@@ -79,9 +79,9 @@ def read_json(path: Path, what: str = "JSON file", error: type[PqfnError] = Pqfn
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        ends_early = e.pos >= len(text.rstrip()) or e.msg.startswith("Unterminated string")
-        cut = " (the file ends early: it may be half-written)" if ends_early else ""
-        raise error(f"{path}: line {e.lineno} column {e.colno}: not valid JSON ({e.msg}){cut}; expected a {what}") from None
+        if e.pos >= len(text.rstrip()) or e.msg.startswith("Unterminated string"):
+            raise error(f"{path}: ends early, at line {e.lineno} (it may be half-written); expected a {what}") from None
+        raise error(f"{path}: line {e.lineno} column {e.colno}: not valid JSON ({e.msg}); expected a {what}") from None
 
 
 @dataclass(frozen=True)
