@@ -58,8 +58,9 @@ def test_gradcam_points_at_the_evidence() -> None:
 def test_gradcam_on_a_bundle_model_and_its_layer(tmp_path: Path) -> None:
     b = load_bundle(make_bundle(tmp_path / "b", members=2))
     layers = target_layers(b.model, 32)
-    assert len(layers) == 2 and layers[0] is b.model.members[0].layer2  # 32 px: stride 8 gives 4x4 cells
-    assert target_layers(b.model, 64)[0] is b.model.members[0].layer3
+    assert len(layers) == 2 and layers[0] is b.model.members[0].layer2  # stride 8: 4x4 cells at 32 px
+    assert target_layers(b.model, 64)[0] is b.model.members[0].layer2
+    assert target_layers(b.model, 16)[1] is b.model.members[1].layer1  # stride 8 would leave 2x2 cells
     images = torch.randint(0, 256, (3, 1, 32, 32), dtype=torch.uint8)
     heat = gradcam(b.model, images, [0, 2, 3])
     assert heat.shape == (3, 32, 32) and heat.min() >= 0 and heat.max() <= 1 + 1e-6
