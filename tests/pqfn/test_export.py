@@ -18,7 +18,6 @@ from tests.pqfn.bundles import PRIORS, make_bundle
 ATOL_LOGITS, ATOL_PROBS = 1e-4, 1e-5
 
 
-@pytest.mark.slow
 def test_onnx_matches_pytorch_on_scans(tmp_path: Path, tiny_ds: Dataset) -> None:
     import onnxruntime as ort
 
