@@ -182,7 +182,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         cv.fit(lambda rec, cv: print(f"  epoch {int(rec['epoch'])}: val/bal_acc {rec['val/bal_acc']:.3f}"))
         cv.save_models(out)
         model, oof = load_members(out, tc.model), cv.out_of_fold()
-    m, _ = evaluate_holdout(cfg.trial, cfg.evaluate, model, oof, ds, holdout, out)
+    m, _ = evaluate_holdout(cfg.trial, cfg.evaluate, model, oof, ds, holdout, out, decode_size=cfg.data.decode_size)
     print_evaluation(m)
     print(f"results: {out} (evaluation.json, confusion.png, predictions.csv, models.safetensors)")
     return 0

@@ -126,6 +126,9 @@ class TrialConfig(_Strict):
     bf16: bool | Literal["auto"] = "auto"
     channels_last: bool | Literal["auto"] = "auto"
     eval_batch_size: int = Field(256, ge=1)
+    # Measure train/val metrics every N epochs (and always after the last): measuring costs about a third
+    # of a small trial (every image of every fold in eval mode). Records, reports and checkpoints follow it.
+    eval_every: int = Field(1, ge=1)
     # folds trained at once in threads; auto: on CPU as many as trial.threads (each on one thread), else 1
     parallel_folds: int | Literal["auto"] = "auto"
 

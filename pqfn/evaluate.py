@@ -27,6 +27,8 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
 )
 
+from pqfn.bundle import data_fingerprint, write_bundle
+from pqfn.calibration import brier_score, expected_calibration_error, plot_reliability
 from pqfn.config import CLASSES, Config, EvaluateConfig, TrialConfig, with_overrides
 from pqfn.data import Dataset
 from pqfn.ensemble import (
@@ -38,6 +40,8 @@ from pqfn.ensemble import (
     natural_priors,
     softmax,
 )
+from pqfn.errors import DataError
+from pqfn.explain import holdout_localisation
 from pqfn.records import Selection
 from pqfn.report import atomic_write, write_evaluation
 from pqfn.splits import HoldOut
@@ -143,9 +147,10 @@ def verdict(m: dict[str, Any]) -> str:
 
 def evaluate_holdout(
     cfg: TrialConfig, ev: EvaluateConfig, model: FoldEnsemble, oof: tuple[np.ndarray, np.ndarray],
-    ds: Dataset, holdout: HoldOut, out_dir: Path, *, log: Callable[[str], None] = print,
+    ds: Dataset, holdout: HoldOut, out_dir: Path, *, decode_size: int, log: Callable[[str], None] = print,
 ) -> tuple[dict[str, Any], Prediction]:
-    """Predict the held-out packages with the final model, correct for class priors, write files into out_dir.
+    """Predict the held-out packages with the final model, correct for class priors, write files into out_dir:
+    evaluation.json, predictions.csv, plots, and the model bundle (out_dir/bundle) that `pqfn predict` runs.
 
     oof: the selected trial's out-of-fold (dataset rows, logits) on which the prior strength is chosen.
     """
@@ -173,11 +178,36 @@ def evaluate_holdout(
         "oof_macro_f1_by_strength": {str(k): round(v, 4) for k, v in strength_scores.items()},
     }
     metrics["final_model"] = f"ensemble of {len(model.members)} fold models"
+    metrics["calibration"] = {
+        "ece": expected_calibration_error(pred.probs, y), "ece_raw": expected_calibration_error(pred.raw_probs, y),
+        "brier": brier_score(pred.probs, y), "brier_raw": brier_score(pred.raw_probs, y), "bins": 10,
+    }
+    plot_reliability(out_dir / "reliability.png", {"prior-corrected": pred.probs, "raw": pred.raw_probs}, y)
+    metrics["localisation"] = localisation(model, ds, holdout.test, cfg.resolution, log)
     metrics["verdict"] = verdict(metrics)
     metrics["seconds"] = time.perf_counter() - t0
     write_evaluation(out_dir, metrics, ds, holdout.test, pred.probs, pred.raw_probs)
+    write_bundle(out_dir / "bundle", cfg, model, priors=priors, prior_adjust=True, prior_strength=strength,
+                 fingerprint=data_fingerprint(ds.subset(holdout.pool)), metrics=_bundle_metrics(metrics),
+                 decode_size=decode_size, overwrite=True)
     log(f"held-out: {metrics['verdict']}")
     return metrics, pred
+
+
+def localisation(model: FoldEnsemble, ds: Dataset, rows: np.ndarray, resolution: int,
+                 log: Callable[[str], None]) -> dict[str, Any] | None:
+    """Grad-CAM peaks against the true delamination masks (synthetic data only; None without masks)."""
+    try:
+        return holdout_localisation(model, ds, rows, resolution)
+    except DataError as e:
+        log(f"held-out: no localisation score ({e})")
+        return None
+
+
+def _bundle_metrics(m: dict[str, Any]) -> dict[str, Any]:
+    keys = ("n_test_images", "n_test_packages", "accuracy", "balanced_accuracy", "macro_precision", "macro_recall",
+            "macro_f1", "per_class", "raw", "baselines", "calibration", "localisation", "verdict")
+    return {k: m[k] for k in keys if k in m}
 
 
 def evaluate_selection(cfg: Config, sdir: Path, selection: Selection, ds: Dataset, holdout: HoldOut, *,
@@ -198,7 +228,8 @@ def evaluate_selection(cfg: Config, sdir: Path, selection: Selection, ds: Datase
     tc = with_overrides(cfg, params).trial
     folder = sdir / "trials" / trial_id
     model = load_members(folder, tc.model)
-    metrics, _ = evaluate_holdout(tc, cfg.evaluate, model, load_oof(folder), ds, holdout, final, log=log)
+    metrics, _ = evaluate_holdout(tc, cfg.evaluate, model, load_oof(folder), ds, holdout, final,
+                                  decode_size=cfg.data.decode_size, log=log)
     metrics |= {"trial_id": trial_id, "params": params}
     atomic_write(done, json.dumps(metrics, indent=2))
     return metrics

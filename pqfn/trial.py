@@ -234,9 +234,10 @@ class CrossValidation:
         self._eval_rows = [(self.data.rows(f.train_eval), self.data.rows(f.val)) for f in self.folds]
         self.workers = fold_workers(cfg, self.device)
         self.epoch = 0
+        self._unmeasured_s = 0.0
         self.history: list[dict[str, float]] = []
 
-    def _fold_epoch(self, k: int, threads: int) -> dict[str, float]:
+    def _fold_epoch(self, k: int, threads: int, measure: bool) -> dict[str, float]:
         if threads:
             torch.set_num_threads(threads)  # per OS thread: a worker thread does not inherit the caller's
         learner, (tr_rows, va_rows) = self.learners[k - 1], self._eval_rows[k - 1]
@@ -246,6 +247,8 @@ class CrossValidation:
                 f"fold {k} epoch {self.epoch + 1}: training loss is {train_loss}; trial stopped "
                 f"(lower trial.optimizer.lr={self.cfg.optimizer.lr} or set trial.bf16=false)"
             )
+        if not measure:
+            return {}
         m = learner.measure(tr_rows, "train") | learner.measure(va_rows, "val")
         bad = [name for name, v in m.items() if not np.isfinite(v)]
         if bad:
@@ -255,20 +258,30 @@ class CrossValidation:
             )
         return with_gaps(m)
 
-    def run_epoch(self) -> dict[str, float]:
+    def measured(self, epoch: int) -> bool:
+        """Epochs whose train/val metrics are measured: every trial.eval_every-th and always the last."""
+        return epoch % self.cfg.eval_every == 0 or epoch >= self.cfg.epochs
+
+    def run_epoch(self) -> dict[str, float] | None:
+        """Train every fold one epoch; the record of a measured epoch, None for an unmeasured one."""
         t0 = time.perf_counter()
         folds = range(1, len(self.learners) + 1)
+        measure = self.measured(self.epoch + 1)
         if self.workers > 1:
             # Folds are independent (own model, optimizer, generator): the result does not depend on the order.
             per_thread = max(1, (self.cfg.threads or torch.get_num_threads()) // self.workers)
             with ThreadPoolExecutor(self.workers, thread_name_prefix="pqfn-fold") as ex:
-                futures = [ex.submit(self._fold_epoch, k, per_thread) for k in folds]
+                futures = [ex.submit(self._fold_epoch, k, per_thread, measure) for k in folds]
                 per_fold = [f.result() for f in futures]
         else:
-            per_fold = [self._fold_epoch(k, 0) for k in folds]
+            per_fold = [self._fold_epoch(k, 0, measure) for k in folds]
         self.epoch += 1
+        self._unmeasured_s += time.perf_counter() - t0
+        if not measure:
+            return None
         rec = {"epoch": float(self.epoch)} | aggregate(per_fold)
-        rec["time/epoch_s"] = time.perf_counter() - t0
+        rec["time/epoch_s"] = self._unmeasured_s  # every epoch since the last record
+        self._unmeasured_s = 0.0
         self.history.append(rec)
         return rec
 
@@ -277,7 +290,7 @@ class CrossValidation:
         one epoch, measure, hand the record to on_epoch (checkpoint, report, log), until cfg.epochs."""
         while self.epoch < self.cfg.epochs:
             rec = self.run_epoch()
-            if on_epoch is not None:
+            if rec is not None and on_epoch is not None:
                 on_epoch(rec, self)
         return CVResult(self.history, self.folds, self.entries, self.history[-1] if self.history else {})
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import balanced_accuracy_score, f1_score, precision_recall_fscore_support
 
+from pqfn.bundle import load_bundle
 from pqfn.config import CLASSES, EvaluateConfig, TrialConfig
 from pqfn.data import Dataset
 from pqfn.ensemble import load_members, load_oof
@@ -32,9 +33,10 @@ def test_holdout_evaluation_files_and_metrics(tiny_ds: Dataset, trained: tuple[T
     ho = split_test(tiny_ds, 0.2, seed=0)
     model = load_members(folder, cfg.model)
     assert len(model.members) == 2
-    m, pred = evaluate_holdout(cfg, EvaluateConfig(), model, load_oof(folder), tiny_ds, ho, tmp_path, log=lambda s: None)
+    m, pred = evaluate_holdout(cfg, EvaluateConfig(), model, load_oof(folder), tiny_ds, ho, tmp_path, decode_size=48,
+                              log=lambda s: None)
     for f in ("evaluation.json", "confusion.png", "predictions.csv", "by_metallization_cycles.csv",
-              "by_metallization_cycles.png"):
+              "by_metallization_cycles.png", "reliability.png", "bundle/bundle.json", "bundle/model.safetensors"):
         assert (tmp_path / f).exists(), f
     cm = np.array(m["confusion_matrix"])
     assert cm.shape == (4, 4) and cm.sum() == len(ho.test) == m["n_test_images"]
@@ -46,7 +48,10 @@ def test_holdout_evaluation_files_and_metrics(tiny_ds: Dataset, trained: tuple[T
     b = m["baselines"]
     y = tiny_ds.labels[ho.test]
     assert b["majority_accuracy"] == np.mean(y == CLASSES.index(b["majority_class"])) and b["chance_balanced_accuracy"] == 0.25
-    assert m["verdict"]
+    assert m["verdict"] and 0 <= m["calibration"]["ece"] <= 1
+    # The bundle predicts what the evaluation predicted (same model, preprocessing and prior correction).
+    b = load_bundle(tmp_path / "bundle")
+    assert b.prior_strength == m["prior_correction"]["strength"] and b.metrics["accuracy"] == m["accuracy"]
     # Probabilities: rows sum to 1, the prediction is their argmax, raw ones are kept beside.
     rows = list(csv.DictReader((tmp_path / "predictions.csv").open()))
     probs = np.array([[float(r[f"prob_{c}"]) for c in CLASSES] for r in rows])
@@ -64,7 +69,7 @@ def test_holdout_evaluation_files_and_metrics(tiny_ds: Dataset, trained: tuple[T
     assert m["macro_f1"] == pytest.approx(f1_score(yt, yp, labels=list(CLASSES), average="macro", zero_division=0))
     # Strength 0 gives the raw figures.
     m0, _ = evaluate_holdout(cfg, EvaluateConfig(prior_strength=0.0), model, load_oof(folder), tiny_ds, ho,
-                             tmp_path / "raw", log=lambda s: None)
+                             tmp_path / "raw", decode_size=48, log=lambda s: None)
     assert m0["accuracy"] == m["raw"]["accuracy"] and m0["confusion_matrix"] == m["raw"]["confusion_matrix"]
 
 

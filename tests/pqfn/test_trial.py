@@ -170,3 +170,20 @@ def test_trial_cli_bad_config_one_line(tmp_path: Path, capsys: pytest.CaptureFix
     assert main(["trial", str(p)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "bad.yaml: trial.batch_size" in err[0]
+
+
+def test_seeded_trial_is_pinned(tiny_ds: Dataset, pool: np.ndarray) -> None:
+    """A silent change of behaviour (data path, folds, model, optimizer, augmentation, metrics) fails here.
+
+    Values recorded before and after the code-path refactor (identical to the last digit on an AVX2 CPU
+    in fp32, 1 thread). Tolerances leave room for other CPUs' fp32 kernels: losses rtol 2e-3; accuracies
+    within one image.
+    """
+    cfg = TrialConfig(**(TINY | {"threads": 1, "bf16": False}))
+    rec = cross_validate(cfg, tiny_ds, pool).records[-1]
+    pinned = {"train/loss": 1.3873197436332703, "val/loss": 1.3905994892120361, "fold1/val/loss": 1.3618720769882202,
+              "fold2/train/loss": 1.3890345096588135}
+    for k, v in pinned.items():
+        assert rec[k] == pytest.approx(v, rel=2e-3), k
+    assert rec["train/acc"] == pytest.approx(0.3137255012989044, abs=0.021)
+    assert rec["val/acc"] == pytest.approx(0.34705883264541626, abs=0.03)
