@@ -23,7 +23,7 @@ def _searcher(db: Path) -> HonestOptunaSearch:
 def test_states_told_honestly(tmp_path: Path) -> None:
     s = _searcher(tmp_path / "o.db")
     for tid in ("full", "stopped", "error"):
-        assert "trial.resolution" in s.suggest(tid)
+        assert "trial.resolution" in s.suggest(tid)["overrides"]  # type: ignore[index]
         s.on_trial_result(tid, {"objective": 0.1, "training_iteration": 1})
     s.on_trial_complete("full", {"objective": 0.2, "epoch": 3, "epochs": 3})
     s.on_trial_complete("stopped", {"objective": 0.01, "epoch": 1, "epochs": 3})  # ASHA-stopped
