@@ -1,4 +1,8 @@
-"""The `pqfn` command: synth, trial, evaluate, sweep, report, dfi, bench, submit."""
+"""pqfn: find the least-overfitting ResNet-18 setup for classifying delamination in CSAM scans."""
+
+# The commands without Ray (synth, trial, evaluate, report, predict, export, dfi, bench). The installed
+# `pqfn` command is tune_jobs.cli, which adds sweep, submit and cluster: pqfn/ never imports ray or
+# tune_jobs, and `python -m pqfn.cli` runs where Ray is not installed (a GPU box).
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import shutil
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -200,50 +205,6 @@ def print_evaluation(m: dict[str, Any]) -> None:
     print(m["verdict"])
 
 
-# ---------------------------------------------------------------- sweep (Ray lives in tune_jobs/)
-def cmd_sweep(a: argparse.Namespace) -> int:
-    from tune_jobs.sweep import main as sweep_main
-
-    argv = [a.config, *a.overrides]
-    if a.address:
-        argv += ["--address", a.address]
-    if a.resume:
-        argv.append("--resume")
-    if a.overwrite:
-        argv.append("--overwrite")
-    return sweep_main(argv)
-
-
-def cmd_submit(a: argparse.Namespace) -> int:
-    from tune_jobs.submit import submit
-
-    return submit(Path(a.config), a.overrides, a.address, follow=a.follow, python=a.python)
-
-
-def cmd_cluster(a: argparse.Namespace) -> int:
-    from tune_jobs import cluster
-
-    folder = Path(a.dir)
-    if a.action == "up":
-        st = cluster.up(folder, workers=a.workers, cpus_per_node=a.cpus_per_node, gpus_per_node=a.gpus_per_node,
-                        port=a.port, dashboard_port=a.dashboard_port)
-        print(f"local Ray cluster up: {st['nodes']} nodes, GCS {st['gcs_address']}, dashboard {st['dashboard']}")
-        print(f"token: {st['token_path']} (load it into your shell with: eval \"$(pqfn cluster env --dir {a.dir})\")")
-        print(f"submit: pqfn submit configs/quickstart.yaml --address {st['dashboard']} --follow")
-        print(f"stop:   pqfn cluster down --dir {a.dir}")
-    elif a.action == "down":
-        pids = cluster.down(folder)
-        print(f"stopped the local cluster's process groups {pids}")
-    else:
-        state = cluster.read_state(folder.resolve())
-        if state is None:
-            raise PqfnError(f"{folder}: no local cluster state; run `pqfn cluster up --dir {a.dir}` first")
-        for k, v in cluster.auth_env(Path(state["token_path"])).items():
-            print(f"export {k}={v}")
-        print(f"export RAY_ADDRESS={state['dashboard']}")
-    return 0
-
-
 def cmd_bench(a: argparse.Namespace) -> int:
     from pqfn.bench import bench
 
@@ -336,9 +297,12 @@ def cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.ArgumentParser:
+    """The pqfn commands; `extend(subparsers)` adds more (tune_jobs.cli adds sweep, submit and cluster)."""
     p = argparse.ArgumentParser(prog="pqfn", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
+    if extend is not None:
+        extend(sub)
 
     s = sub.add_parser("synth", help="generate a synthetic CSAM data set (images + manifest.csv)")
     s.add_argument("out_dir")
@@ -357,8 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, func, hlp in [
         ("trial", cmd_trial, "run one cross-validated trial locally"),
-        ("evaluate", cmd_evaluate, "train on the search pool and evaluate on held-out packages"),
-        ("sweep", cmd_sweep, "run a sweep on Ray Tune (embedded local Ray by default)"),
+        ("evaluate", cmd_evaluate, "train a configuration's fold models and evaluate them on held-out packages"),
     ]:
         t = sub.add_parser(name, help=hlp)
         t.add_argument("config", help="YAML config, e.g. configs/quickstart.yaml")
@@ -366,36 +329,14 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("--overwrite", action="store_true", help="replace an existing results folder")
         if name in ("trial", "evaluate"):
             t.add_argument("--out", help="results folder (default: <output_dir>/<name>-%s)" % ("trial" if name == "trial" else "eval"))
-        if name in ("trial", "sweep"):
+        if name == "trial":
             t.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
         if name == "trial":
             t.add_argument("--no-wandb", action="store_true", help="do not log to W&B (same as wandb.mode=disabled)")
         if name == "evaluate":
             t.add_argument("--model", help="a folder with fold models (models.safetensors, oof.npz) from `pqfn trial` "
                            "or a sweep's trials/<id>/, instead of training them")
-        if name == "sweep":
-            t.add_argument("--address", help="a running Ray cluster (default: start a private local one)")
         t.set_defaults(func=func)
-
-    sb = sub.add_parser("submit", help="submit a sweep to a running Ray cluster as a Ray Job")
-    sb.add_argument("config")
-    sb.add_argument("overrides", nargs="*")
-    sb.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://127.0.0.1:8265")
-    sb.add_argument("--follow", action="store_true", help="stream the logs; exit 0 only if the job SUCCEEDED")
-    sb.add_argument("--python", default=None,
-                    help="the cluster's Python interpreter for the entrypoint (default: this one for a local "
-                         "cluster started by `pqfn cluster up`, else `python`)")
-    sb.set_defaults(func=cmd_submit)
-
-    cl = sub.add_parser("cluster", help="a local multi-node Ray cluster on this machine (up, down, env)")
-    cl.add_argument("action", choices=["up", "down", "env"])
-    cl.add_argument("--dir", default=".pqfn-cluster", help="state, token and logs (default .pqfn-cluster)")
-    cl.add_argument("--workers", type=int, default=1)
-    cl.add_argument("--cpus-per-node", type=int, default=1)
-    cl.add_argument("--gpus-per-node", type=int, default=0)
-    cl.add_argument("--port", type=int, default=6390, help="GCS port of the head")
-    cl.add_argument("--dashboard-port", type=int, default=8265)
-    cl.set_defaults(func=cmd_cluster)
 
     b = sub.add_parser("bench", help="time pqfn's trial engine against a naive PyTorch DataLoader loop")
     b.add_argument("config", help="the data to use, e.g. configs/paper.yaml (the study's 140 synthetic packages)")
@@ -443,8 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: list[str] | None = None, extend: Callable[[Any], None] | None = None) -> int:
+    parser = build_parser(extend)
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may also come after options (`pqfn trial C --resume trial.epochs=3`)
     if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):

@@ -18,11 +18,11 @@ import torch
 from PIL import Image
 
 import pqfn.data as data_mod
-from pqfn.cli import main
 from pqfn.config import Config, DataConfig, with_overrides
 from pqfn.data import SkippedImagesWarning, load_dataset
 from pqfn.errors import ConfigError, DataError, PqfnError
 from pqfn.io import check_output_paths
+from tune_jobs.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 TH = ROOT / "configs/dfi/cowos-thresholds.yaml"

@@ -24,6 +24,7 @@ def cfg(tiny_data_cfg: DataConfig) -> Config:
     return validate({"name": "b", "data": tiny_data_cfg.model_dump(mode="json"), "trial": TINY_TRIAL}, "test")
 
 
+@pytest.mark.slow
 def test_bench_runs_both_sides_on_the_same_trial(cfg: Config, tmp_path: Path) -> None:
     lines: list[str] = []
     out = tmp_path / "bench.json"

@@ -43,6 +43,7 @@ def test_tiny_trial_records(tiny_ds: Dataset, pool: np.ndarray) -> None:
     assert not pk[0] & pk[1]
 
 
+@pytest.mark.slow
 def test_resume_from_checkpoint_matches_uninterrupted(tiny_ds: Dataset, pool: np.ndarray, tmp_path: Path) -> None:
     cfg = TrialConfig(**TINY)
     straight = cross_validate(cfg, tiny_ds, pool).records
@@ -65,11 +66,13 @@ def test_resume_refuses_other_config(tiny_ds: Dataset, pool: np.ndarray) -> None
         cross_validate(TrialConfig(**(TINY | {"seed": 5})), tiny_ds, pool, resume=state)
 
 
+@pytest.mark.slow
 def test_bf16_and_channels_last_run_on_cpu(tiny_ds: Dataset, pool: np.ndarray) -> None:
     res = cross_validate(TrialConfig(**(TINY | {"epochs": 1, "bf16": True, "channels_last": True})), tiny_ds, pool)
     assert np.isfinite(res.records[-1]["val/loss"])
 
 
+@pytest.mark.slow
 def test_folds_in_parallel_threads_give_the_same_trial(tiny_ds: Dataset, pool: np.ndarray) -> None:
     one = TrialConfig(**(TINY | {"threads": 1, "parallel_folds": 1}))
     two = TrialConfig(**(TINY | {"threads": 1, "parallel_folds": 2}))
@@ -140,6 +143,7 @@ def _cfg_file(tmp_path: Path, tiny_data_cfg: object, extra: str = "") -> Path:
     return p
 
 
+@pytest.mark.slow
 def test_trial_cli_writes_results_and_refuses_overwrite(tmp_path: Path, tiny_data_cfg: object, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = _cfg_file(tmp_path, tiny_data_cfg)
     assert main(["trial", str(cfg)]) == 0

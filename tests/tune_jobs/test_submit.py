@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 
 import tune_jobs.submit as submit_mod
-from pqfn.cli import main
 from pqfn.config import PATH_KEYS
 from pqfn.errors import PqfnError
+from tune_jobs.cli import main
 
 NO_AGENT = "Request failed with status code 500: No available agent to submit job, please try again later.."
 
