@@ -1,0 +1,39 @@
+"""The sweep's progress lines (plain text: the same in a terminal, CI logs and `pqfn submit --follow`)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+from tune_jobs.progress import ProgressLines
+
+
+def _trial(tid: str, status: str, result: dict[str, Any] | None) -> Any:
+    return SimpleNamespace(trial_id=tid, status=status, last_result=result,
+                           config={"overrides": {"trial.resolution": 64}})
+
+
+def test_progress_line_every_interval_with_running_trials_and_time_left() -> None:
+    lines: list[str] = []
+    p = ProgressLines(total=4, slots=2, interval=0.0, out=lambda s, flush=False: lines.append(s))
+    a = _trial("a", "RUNNING", {"epoch": 5, "epochs": 10, "val/bal_acc": 0.5, "gap/acc": 0.1})
+    b = _trial("b", "RUNNING", None)
+    p.on_trial_start(0, [], a)
+    p.on_trial_start(0, [], b)
+    p.started["a"] -= 60  # a has run 60 s, half of its epochs
+    p.on_step_begin(1, [a, b])
+    assert len(lines) == 1
+    line = lines[0]
+    assert line.startswith("[progress ") and "0/4 done, 2 running" in line
+    assert "a (resolution=64): epoch 5/10, val/bal_acc 0.500" in line and "b (resolution=64): starting" in line
+    assert "left" in line  # 4 trials x ~120 s on 2 slots, minus what is already spent
+    done = _trial("a", "TERMINATED", {"epoch": 10, "epochs": 10, "val/bal_acc": 0.6, "val/min_recall": 0.3, "gap/acc": 0.1})
+    p.on_trial_complete(2, [], done)
+    assert lines[-1].startswith("[1/4] trial a (resolution=64): completed; val/bal_acc 0.600")
+
+
+def test_no_line_before_the_interval() -> None:
+    lines: list[str] = []
+    p = ProgressLines(total=1, slots=1, interval=3600.0, out=lambda s, flush=False: lines.append(s))
+    p.on_step_begin(1, [])
+    assert lines == []

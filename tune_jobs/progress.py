@@ -1,0 +1,95 @@
+"""What the console shows while a sweep runs: one line per finished trial, and a progress line every
+`interval` seconds (running trials with their parameters, epoch and latest metrics; an estimate of
+the time left). Plain lines, so they read the same in a terminal, in CI and in `pqfn submit --follow`
+logs; Tune's own table is off (verbose=0)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from ray import tune
+
+from pqfn.records import is_complete
+from tune_jobs.trainable import params_of
+
+
+def _params(trial: Any) -> str:
+    return ", ".join(f"{k.split('.', 1)[-1]}={v}" for k, v in params_of(trial.config).items())
+
+
+class ProgressLines(tune.Callback):
+    def __init__(self, total: int, slots: int, interval: float = 10.0, out: Any = print) -> None:
+        self.total, self.slots, self.interval, self.out = total, max(1, slots), interval, out
+        self.done = 0
+        self.t0 = time.monotonic()
+        self.last = self.t0
+        self.started: dict[str, float] = {}
+        self.durations: list[float] = []
+
+    # -------------------------------------------------------------- finished trials
+    def _line(self, trial: Any, what: str) -> None:
+        self.done += 1
+        if trial.trial_id in self.started:
+            self.durations.append(time.monotonic() - self.started.pop(trial.trial_id))
+        m = trial.last_result or {}
+        extra = (f"val/bal_acc {m['val/bal_acc']:.3f}, worst class recall {m['val/min_recall']:.3f}, "
+                 f"gap/acc {m['gap/acc']:+.3f}, epoch {int(m['epoch'])}" if "val/bal_acc" in m else "")
+        self.out(f"[{self.done}/{self.total}] trial {trial.trial_id} ({_params(trial)}): {what}"
+                 f"{'; ' + extra if extra else ''}", flush=True)
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.started.setdefault(trial.trial_id, time.monotonic())
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._line(trial, "completed" if is_complete(trial.last_result or {}) else "stopped early")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._line(trial, "FAILED (see trials.csv, column error)")
+
+    # -------------------------------------------------------------- periodic progress
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        now = time.monotonic()
+        if now - self.last >= self.interval:
+            self.last = now
+            self.out(self.status(trials, now), flush=True)
+
+    def status(self, trials: list, now: float) -> str:
+        running = [t for t in trials if t.status == "RUNNING"]
+        parts = []
+        for t in running:
+            m = t.last_result or {}
+            age = now - self.started.get(t.trial_id, now)
+            if "epoch" in m and "epochs" in m:
+                what = f"epoch {int(m['epoch'])}/{int(m['epochs'])}"
+                if "val/bal_acc" in m:
+                    what += f", val/bal_acc {m['val/bal_acc']:.3f}, gap/acc {m['gap/acc']:+.3f}"
+            else:
+                what = "starting / first epochs"
+            parts.append(f"{t.trial_id} ({_params(t)}): {what}, {age:.0f} s")
+        return (f"[progress {self._clock(now - self.t0)}] {self.done}/{self.total} done, {len(running)} running"
+                + (": " + "; ".join(parts) if parts else "") + self._eta(running, now))
+
+    def _eta(self, running: list, now: float) -> str:
+        """Time left, from the mean finished trial (or, before any finished, the running ones' epoch rate)."""
+        left = self.total - self.done
+        if not left:
+            return ""
+        if self.durations:
+            per = sum(self.durations) / len(self.durations)
+        else:
+            rates = []
+            for t in running:
+                m = t.last_result or {}
+                if m.get("epoch") and m.get("epochs"):
+                    rates.append((now - self.started.get(t.trial_id, now)) / m["epoch"] * m["epochs"])
+            if not rates:
+                return ""
+            per = sum(rates) / len(rates)
+        spent = sum(now - self.started.get(t.trial_id, now) for t in running)
+        est = max(0.0, (left * per - spent) / self.slots)
+        return f"; about {self._clock(est)} left"
+
+    @staticmethod
+    def _clock(s: float) -> str:
+        return f"{int(s) // 60}:{int(s) % 60:02d}"
