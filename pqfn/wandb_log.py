@@ -4,16 +4,24 @@ Used by the sweep (tune_jobs/) and by `pqfn trial`; no Ray here.
 
 The API key is read from the environment only (WANDB_API_KEY); it is never written to a config,
 a log or a results folder. Runs are written under <sweep folder>/wandb with an absolute dir.
+
+A sweep trial is ONE W&B run however often it starts (a retry after a failure, a restore after the
+driver died): the run id is the Tune trial id and resume="allow". Online, W&B continues that run.
+Offline, every start writes one more `offline-run-<time>-<trial id>` folder; `wandb sync` uploads
+the folders of one id into that one run, in order. A restarted trial repeats the epochs after its
+last checkpoint; those are not logged again (TrialRun keeps the last logged step in a file).
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pqfn.config import Config
 from pqfn.errors import ConfigError
+from pqfn.io import atomic_write_text
 from pqfn.records import SweepResult, TrialOutcome
 from pqfn.report import trial_table
 
@@ -56,7 +64,9 @@ def flat_config(cfg: Config) -> dict[str, Any]:
     return out
 
 
-def init_run(cfg: Config, *, job_type: str, name: str, config: dict[str, Any], folder: Path | None = None) -> Any:
+def init_run(cfg: Config, *, job_type: str, name: str, config: dict[str, Any], folder: Path | None = None,
+             run_id: str | None = None) -> Any:
+    """A W&B run, or None when W&B is disabled. With run_id, the run of that id is continued (resume="allow")."""
     mode = check_mode(cfg)
     if mode == "disabled":
         return None
@@ -67,16 +77,57 @@ def init_run(cfg: Config, *, job_type: str, name: str, config: dict[str, Any], f
     return wandb.init(
         project=cfg.wandb.project, entity=cfg.wandb.entity, group=cfg.name, job_type=job_type, name=name,
         config=config, dir=str(d), mode=mode, reinit="create_new",  # type: ignore[arg-type]
+        id=run_id, resume="allow" if run_id else None,
         settings=wandb.Settings(silent=True, console="off", x_disable_stats=True, x_disable_meta=True),
     )
 
 
+@dataclass
+class TrialRun:
+    """One trial's W&B run; each step (epoch) is logged at most once across the trial's restarts.
+
+    step_file holds the last logged step (a restarted trial resumes from a checkpoint at or before it
+    and repeats the epochs in between; offline W&B cannot tell, so this file does). Without a step_file
+    every step is logged.
+    """
+
+    run: Any
+    step_file: Path | None = None
+    last_step: int = 0
+
+    def log(self, record: dict[str, Any], step: int) -> None:
+        if step <= self.last_step:
+            return
+        self.run.log(record, step=step)
+        self.last_step = step
+        if self.step_file is not None:
+            atomic_write_text(self.step_file, str(step))
+
+    def finish(self) -> None:
+        self.run.finish()
+
+
+def _last_step(step_file: Path | None) -> int:
+    try:
+        return int(step_file.read_text()) if step_file is not None and step_file.exists() else 0
+    except (OSError, ValueError):  # unreadable: log from the start rather than lose epochs
+        return 0
+
+
 def trial_run(cfg: Config, overrides: dict[str, Any], trial_name: str | None = None, trial_id: str | None = None,
-              folder: Path | None = None) -> Any:
-    """A W&B run for one trial (sweep trials and `pqfn trial` alike); None when W&B is disabled."""
+              folder: Path | None = None, step_file: Path | None = None) -> TrialRun | None:
+    """A W&B run for one trial (sweep trials and `pqfn trial` alike); None when W&B is disabled.
+
+    With trial_id, the run's id is the trial id, so a retried or restored trial continues its own run.
+    """
     name = trial_name or "trial-" + "-".join(f"{k.split('.')[-1]}{v}" for k, v in sorted(overrides.items()))
     flat = flat_config(cfg) | {f"search.{k}": v for k, v in overrides.items()} | {"trial_id": trial_id}
-    return init_run(cfg, job_type="trial", name=name, config=flat, folder=folder)
+    run = init_run(cfg, job_type="trial", name=name, config=flat, folder=folder, run_id=trial_id)
+    if run is None:
+        return None
+    if step_file is not None:
+        step_file.parent.mkdir(parents=True, exist_ok=True)
+    return TrialRun(run, step_file, _last_step(step_file))
 
 
 def summary_run(cfg: Config, sdir: Path, rows: list[TrialOutcome], result: SweepResult) -> None:

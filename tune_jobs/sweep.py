@@ -4,9 +4,10 @@
 load -> hold out -> search -> collect -> select -> evaluate -> write -> log.
 
 One results folder per sweep (runs/<name>/): resolved config, Tune experiment (restorable), Optuna
-study (SQLite), trials/ (each trial's fold models), trials.csv, selection.json, plots, the final
-model and its held-out evaluation. Running the same command again resumes an interrupted sweep; a
-different config under the same name is refused unless --overwrite.
+study (SQLite; a journal file with resources.shared_storage), trials/ (each trial's fold models),
+trials.csv, selection.json, plots, the final model and its held-out evaluation. Running the same
+command again resumes an interrupted sweep; a different config under the same name is refused unless
+--overwrite, or unless no trial of the earlier attempt completed (see prepare_folder).
 """
 
 from __future__ import annotations
@@ -27,19 +28,21 @@ from typing import Any
 
 import optuna
 import ray
-import yaml
+from optuna.storages import JournalStorage, RDBStorage
+from optuna.storages.journal import JournalFileBackend
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
 
-from pqfn.config import Config, dump_config, load_config, with_overrides
+from pqfn.config import Config, absolutize_paths, dump_config, load_config, with_overrides
 from pqfn.data import Dataset, load_dataset
 from pqfn.errors import ConfigError, PqfnError
 from pqfn.evaluate import evaluate_selection
+from pqfn.io import atomic_write_text, check_output_paths, read_json, read_yaml
 from pqfn.metrics import MEMORY_METRICS
 from pqfn.model import check_model_name
 from pqfn.records import COMPLETED, FAILED, STOPPED, SweepResult, TrialOutcome, is_complete
-from pqfn.report import print_summary, write_sweep
+from pqfn.report import print_summary, read_trials_csv, write_sweep
 from pqfn.selection import select
 from pqfn.splits import HoldOut, build_pool, split_test
 from pqfn.wandb_log import check_mode, summary_run
@@ -48,14 +51,25 @@ from tune_jobs.space import grid_points, optuna_space
 from tune_jobs.trainable import PARAMS, make_trainable, params_of
 
 STATE = "sweep.json"
+STUDY_DB = "optuna.db"  # the Optuna study; STUDY_JOURNAL with resources.shared_storage (study_storage)
+STUDY_JOURNAL = "optuna.journal"
 
 
 def _comparable(cfg_dump: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in cfg_dump.items() if k != "output_dir"}
 
 
-def prepare_folder(cfg: Config, *, resume: bool, overwrite: bool) -> tuple[Path, dict[str, Any], bool]:
-    """Create or reopen runs/<name>. Returns (folder, state, resuming)."""
+def prepare_folder(cfg: Config, *, resume: bool, overwrite: bool,
+                   log: Callable[..., None] = print) -> tuple[Path, dict[str, Any], bool]:
+    """Create or reopen runs/<name>. Returns (folder, state, resuming).
+
+    The same config again resumes. A different config is refused, and nothing is touched, unless
+    --overwrite (which deletes the folder) or unless no trial of the earlier attempt completed: a
+    sweep that failed before any trial finished (a bad value, a wrong path, every trial diverging)
+    holds nothing a corrected rerun could reuse, so the rerun starts afresh and the failed attempt
+    is kept, moved whole into <folder>/failed-attempts/<its start time>/ (its logs, errors and W&B
+    files stay readable; nothing is deleted). With --resume a different config is always refused.
+    """
     sdir = cfg.output_dir / cfg.name
     state_file = sdir / STATE
     if sdir.exists() and any(sdir.iterdir()):
@@ -64,30 +78,66 @@ def prepare_folder(cfg: Config, *, resume: bool, overwrite: bool) -> tuple[Path,
         elif not state_file.exists():
             raise PqfnError(f"{sdir}: exists but is not a pqfn sweep folder; choose another name or output_dir")
         else:
-            saved = yaml.safe_load((sdir / "config.yaml").read_text())
-            if _comparable(saved) != _comparable(cfg.model_dump(mode="json")):
+            state = read_json(state_file, "sweep state (sweep.json)")
+            if not isinstance(state, dict) or not isinstance(state.get("study_name"), str):
+                raise PqfnError(f"{state_file}: expected the sweep state a sweep writes (with study_name); "
+                                "use another name (name=...) or --overwrite to replace the folder")
+            saved = read_yaml(sdir / "config.yaml", "sweep config")
+            if _comparable(saved) == _comparable(cfg.model_dump(mode="json")):
+                return sdir, state, True
+            if resume or any_trial_completed(sdir):
                 raise PqfnError(
                     f"{sdir}: a sweep named {cfg.name!r} with a different config is there; "
                     "use another name (name=...) or --overwrite to replace it"
                 )
-            return sdir, json.loads(state_file.read_text()), True
+            kept = set_aside(sdir, str(state.get("created") or "unknown"))
+            log(f"{sdir}: no trial of the earlier attempt completed; it is kept in {kept}, starting afresh")
     elif resume:
         raise PqfnError(f"{sdir}: nothing to resume")
     sdir.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     state = {"study_name": f"{cfg.name}-{stamp}", "created": stamp, "status": "running"}
-    (sdir / "config.yaml").write_text(dump_config(cfg))
-    (sdir / STATE).write_text(json.dumps(state, indent=2))
+    atomic_write_text(sdir / "config.yaml", dump_config(cfg))
+    atomic_write_text(sdir / STATE, json.dumps(state, indent=2))  # last: its presence marks a sweep folder
     return sdir, state, False
+
+
+def any_trial_completed(sdir: Path) -> bool:
+    """Whether a trial in this folder ran its full epoch budget (conservative: True when it cannot tell)."""
+    if any((sdir / "trials").glob("*/models.safetensors")):  # written by a trial at its last epoch
+        return True
+    table = sdir / "trials.csv"
+    if not table.exists():
+        return False
+    try:
+        return any(r.status == COMPLETED for r in read_trials_csv(table))
+    except PqfnError:
+        return True  # damaged: keep refusing rather than guess
+
+
+def set_aside(sdir: Path, created: str) -> Path:
+    """Move everything in sdir into sdir/failed-attempts/<created>/ (renames only; sweep.json last, so an
+    interrupted move leaves a folder that is still recognised and is finished by the next rerun)."""
+    dest = sdir / "failed-attempts" / created
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = sdir / "failed-attempts" / f"{created}-{n}"
+    dest.mkdir(parents=True)
+    for child in sorted(sdir.iterdir(), key=lambda c: c.name == STATE):
+        if child.name != "failed-attempts":
+            child.rename(dest / child.name)
+    return dest
 
 
 def run_sweep(cfg: Config, *, address: str | None = None, resume: bool = False, overwrite: bool = False,
               log: Callable[..., None] = print) -> SweepResult:
     """The sweep, as one recipe."""
-    cfg = absolutize(cfg)
+    cfg = absolutize_paths(cfg)
+    check_output_paths(folders={"output_dir": cfg.output_dir, "sweep folder": cfg.output_dir / cfg.name})
     check_mode(cfg)
     clock = PhaseClock()
-    sdir, state, resuming = prepare_folder(cfg, resume=resume, overwrite=overwrite)
+    sdir, state, resuming = prepare_folder(cfg, resume=resume, overwrite=overwrite, log=log)
     # 1. load: decode every image once (generating the synthetic set on first use)
     with clock("data"):
         data = load_dataset(cfg.data)
@@ -120,7 +170,7 @@ def run_sweep(cfg: Config, *, address: str | None = None, resume: bool = False, 
         summary_run(cfg, sdir, outcomes, result)
     result.timing = clock.report(outcomes, slots)
     state |= {"status": "done", "timing": result.timing}
-    (sdir / STATE).write_text(json.dumps(state, indent=2))
+    atomic_write_text(sdir / STATE, json.dumps(state, indent=2))
     return result
 
 
@@ -157,17 +207,45 @@ def start_ray(address: str | None) -> bool:
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    # One snapshot per checkpoint is what makes a killed sweep resumable; Tune's warning about it is noise here.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     ray.init(address=address or "local", include_dashboard=False, logging_level=logging.WARNING,
              log_to_driver=True, configure_logging=True)
     return True
+
+
+class _RayNoise(logging.Filter):
+    """Drops two kinds of Tune driver warnings a user cannot act on; every other Ray warning passes.
+
+    - ray.tune.utils.util's `warn_if_slow`: "The `process_trial_result` operation took 0.6 s, which may be
+      a performance bottleneck" and "Processing trial results took ... consider reporting results less
+      frequently": the driver's bookkeeping per reported epoch (searcher, Optuna storage, snapshot) on a
+      busy machine; a trial reports once per measured epoch (trial.eval_every) already.
+    - "Experiment state snapshotting has been triggered multiple times...": one snapshot per trial
+      checkpoint is what makes a killed sweep resumable (CheckpointConfig(num_to_keep=1)). Tune's
+      warning about a slow snapshot (slow storage) is kept.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = str(record.msg)
+        if record.name == "ray.tune.utils.util":
+            return not ("took" in msg and "may be a performance bottleneck" in msg)
+        return not msg.startswith("Experiment state snapshotting has been triggered multiple times")
+
+
+def quiet_ray_noise() -> None:
+    """Install _RayNoise where those warnings are logged (a filter on a logger sees only its own records)."""
+    # The snapshot warning can also be switched off by its threshold (read when Tune builds its state).
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    for name in ("ray.tune.utils.util", "ray.tune.execution.experiment_state"):
+        lg = logging.getLogger(name)
+        if not any(isinstance(f, _RayNoise) for f in lg.filters):
+            lg.addFilter(_RayNoise())
 
 
 def search(cfg: Config, sdir: Path, state: dict[str, Any], resuming: bool, data: Dataset, holdout: HoldOut,
            log: Callable[..., None]) -> Any:
     """Run (or resume) the Tune experiment; returns Tune's ResultGrid."""
     check_storage(cfg)
+    quiet_ray_noise()
     trainable = make_trainable(cfg, data, holdout.pool)
     tuner, param_space = build_tuner(cfg, sdir, state, trainable)
     tune_path = str(sdir / "tune")
@@ -225,8 +303,9 @@ def build_tuner(cfg: Config, sdir: Path, state: dict[str, Any], trainable: Any) 
     s = cfg.search
     scheduler = None
     if s.asha.enabled:
+        # Time in epochs, not reports: a trial reports every trial.eval_every epochs.
         scheduler = ASHAScheduler(
-            time_attr="training_iteration", metric=s.asha.metric, mode=s.asha.mode, max_t=cfg.trial.epochs,
+            time_attr="epoch", metric=s.asha.metric, mode=s.asha.mode, max_t=cfg.trial.epochs,
             grace_period=s.asha.grace_period, reduction_factor=s.asha.reduction_factor,
         )
     param_space: dict[str, Any] = {}
@@ -240,13 +319,15 @@ def build_tuner(cfg: Config, sdir: Path, state: dict[str, Any], trainable: Any) 
         elif s.sampler == "random":
             sampler = optuna.samplers.RandomSampler(seed=s.seed)
         else:
-            sampler = optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.n_startup_trials)
+            # constant_liar: running trials count as bad guesses, so concurrent trials are not proposed
+            # near-duplicates (Optuna 5's default; explicit because earlier versions had it off).
+            sampler = optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.n_startup_trials, constant_liar=True)
         searcher = HonestOptunaSearch(
             space=optuna_space(s),
             metric=[cfg.selection.metric, cfg.selection.gap_metric] if multi else "objective",
             mode=["max", "min"] if multi else "min",  # type: ignore[arg-type]
             sampler=sampler, study_name=state["study_name"],
-            storage=optuna.storages.RDBStorage(f"sqlite:///{sdir / 'optuna.db'}"),
+            storage=study_storage(cfg, sdir),
         )
         tune_config = tune.TuneConfig(
             search_alg=ConcurrencyLimiter(searcher, max_concurrent=s.max_concurrent),
@@ -304,14 +385,14 @@ def collect(results: Any) -> list[TrialOutcome]:
     return sorted(rows, key=lambda r: r.trial_id)
 
 
-def absolutize(cfg: Config) -> Config:
-    """Paths made absolute on the driver, so every worker (any CWD, any node) reads the same place."""
-    ov: dict[str, Any] = {"output_dir": str(cfg.output_dir.resolve()), "data.path": str(cfg.data.path.resolve())}
-    for key, p in (("data.cache_dir", cfg.data.cache_dir), ("data.test_manifest", cfg.data.test_manifest),
-                   ("trial.pretrained", cfg.trial.pretrained)):
-        if p is not None:
-            ov[key] = str(Path(p).resolve())
-    return with_overrides(cfg, ov, source="paths")
+def study_storage(cfg: Config, sdir: Path) -> Any:
+    """Where the Optuna study lives: runs/<name>/optuna.db (SQLite), or with resources.shared_storage
+    runs/<name>/optuna.journal (Optuna's journal file). SQLite's file locks are unreliable on NFS and
+    other network filesystems; the journal appends to one file under a lock taken by creating a
+    symlink, an atomic operation on NFS. optuna-dashboard opens either."""
+    if cfg.resources.shared_storage:
+        return JournalStorage(JournalFileBackend(str(sdir / STUDY_JOURNAL)))
+    return RDBStorage(f"sqlite:///{sdir / STUDY_DB}")
 
 
 def check_storage(cfg: Config) -> None:
@@ -327,10 +408,10 @@ def check_storage(cfg: Config) -> None:
 
 def _fail_running(cfg: Config, sdir: Path, state: dict[str, Any]) -> None:
     """A sweep killed before Tune's first snapshot: nothing to restore; orphaned study trials -> FAIL."""
-    if cfg.search.type != "optuna" or not (sdir / "optuna.db").exists():
+    if cfg.search.type != "optuna" or not any((sdir / f).exists() for f in (STUDY_DB, STUDY_JOURNAL)):
         return
     try:
-        study = optuna.load_study(study_name=state["study_name"], storage=f"sqlite:///{sdir / 'optuna.db'}")
+        study = optuna.load_study(study_name=state["study_name"], storage=study_storage(cfg, sdir))
     except KeyError:
         return
     fail_orphans(study, set())

@@ -21,12 +21,15 @@ from ray import tune
 
 from pqfn.config import Config, with_overrides
 from pqfn.data import Dataset
+from pqfn.errors import TrialError
+from pqfn.io import load_checkpoint
 from pqfn.metrics import process_memory_mb
 from pqfn.selection import search_objective
 from pqfn.trial import CrossValidation
 from pqfn.wandb_log import trial_run
 
 STATE_FILE = "trial_state.pt"
+WANDB_STEP_FILE = "wandb_step"  # in the trial folder: the last epoch logged to the trial's W&B run
 PARAMS = "overrides"  # the one key under which every search type passes a trial's parameters
 
 
@@ -56,11 +59,17 @@ def run_trial(config: dict[str, Any], *, base: Config, data: Dataset, pool: np.n
     ckpt = tune.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            cv.load_state_dict(torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False))
+            cv.load_state_dict(load_checkpoint(Path(d) / STATE_FILE, required=("epoch", "history", "config", "learners"),
+                                               error=TrialError))
         restored_from = float(cv.epoch)
 
-    run = trial_run(cfg, params, trial_name=ctx.get_trial_name(), trial_id=trial_id)
+    # One W&B run per trial (id = trial id) across retries and restores; epochs are logged once.
+    run = trial_run(cfg, params, trial_name=ctx.get_trial_name(), trial_id=trial_id,
+                    step_file=trial_folder(cfg, trial_id) / WANDB_STEP_FILE)
     node_id = ray.get_runtime_context().get_node_id()
+    # Checkpoint once checkpoint_every epochs have passed since the last one: records (and so checkpoints)
+    # come only at measured epochs (trial.eval_every), which need not be multiples of checkpoint_every.
+    saved_at = [cv.epoch]
 
     def on_epoch(rec: dict[str, float], cv: CrossValidation) -> None:
         out: dict[str, Any] = dict(rec)
@@ -74,7 +83,8 @@ def run_trial(config: dict[str, Any], *, base: Config, data: Dataset, pool: np.n
         last = cv.epoch >= tc.epochs
         if last:
             cv.save_models(trial_folder(cfg, trial_id))  # before the last report: the driver may end the sweep
-        if not last and cv.epoch % every == 0:
+        if not last and cv.epoch - saved_at[0] >= every:
+            saved_at[0] = cv.epoch
             with tempfile.TemporaryDirectory() as d:
                 torch.save(cv.state_dict(), os.path.join(d, STATE_FILE))
                 tune.report(out, checkpoint=tune.Checkpoint.from_directory(d))

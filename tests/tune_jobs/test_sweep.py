@@ -1,4 +1,5 @@
-"""Real tiny sweeps on a real local Ray instance with OptunaSearch and an SQLite storage."""
+"""Real tiny sweeps on a real local Ray instance with OptunaSearch and an SQLite storage (the journal
+storage of resources.shared_storage is exercised by test_resume)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import pytest
 from pqfn.config import DataConfig, load_config
 from pqfn.data import Dataset
 from pqfn.errors import PqfnError
+from pqfn.report import read_trials_csv
+from pqfn.selection import select
 from tests.tune_jobs.conftest import sweep_yaml
-from tune_jobs.sweep import run_sweep
+from tune_jobs.sweep import run_sweep, study_storage
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +27,8 @@ def _trials(run: Path) -> list[dict[str, str]]:
 
 def _study(run: Path) -> optuna.Study:
     state = json.loads((run / "sweep.json").read_text())
-    return optuna.load_study(study_name=state["study_name"], storage=f"sqlite:///{run / 'optuna.db'}")
+    cfg = load_config(run / "config.yaml")
+    return optuna.load_study(study_name=state["study_name"], storage=study_storage(cfg, run))
 
 
 def test_optuna_sweep_end_to_end(tmp_path: Path, tiny_data_cfg: DataConfig, tiny_ds: Dataset, ray_local: None) -> None:
@@ -43,13 +47,14 @@ def test_optuna_sweep_end_to_end(tmp_path: Path, tiny_data_cfg: DataConfig, tiny
     assert len(study.trials) == 3 and all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
     assert sorted((t.params["trial.resolution"], round(t.params["trial.optimizer.lr"], 9)) for t in study.trials) == sorted(
         (int(r["trial.resolution"]), round(float(r["trial.optimizer.lr"]), 9)) for r in rows)
+    # The selection is the rule of pqfn.selection applied to the trials as written (what `pqfn report` re-runs).
     sel = json.loads((run / "selection.json").read_text())
-    chosen = next(r for r in rows if r["trial_id"] == sel["selected"]["trial_id"])
-    done = [r for r in rows if r["status"] == "completed"]
-    best = max(float(r["val/acc"]) for r in done)
-    ok = [r for r in done if float(r["val/acc"]) >= best - 0.5]
-    assert float(chosen["gap/acc"]) == min(float(r["gap/acc"]) for r in ok)
-    assert s["evaluation"]["n_test_images"] > 0 and (run / "final/evaluation.json").exists()
+    again = select(read_trials_csv(run / "trials.csv"), cfg.selection)
+    assert s.selection.selected is not None and again.selected is not None
+    assert sel["selected"]["trial_id"] == s.selection.selected["trial_id"] == again.selected["trial_id"]
+    assert s.evaluation is not None and s.evaluation["trial_id"] == s.selection.selected["trial_id"]
+    assert s.evaluation["n_test_images"] > 0 and (run / "final/evaluation.json").exists()
+    assert (run / "trials" / s.selection.selected["trial_id"] / "models.safetensors").exists()
     for f in ("config.yaml", "pareto.png", "gap_by_axis.png", "final/confusion.png", "tune"):
         assert (run / f).exists(), f
     # The same name with another config is refused; nothing already written changes.
@@ -68,7 +73,8 @@ def test_failing_trial_does_not_stop_the_sweep(tmp_path: Path, tiny_data_cfg: Da
     rows = {float(r["trial.optimizer.lr"]): r for r in _trials(tmp_path / "runs/fail")}
     assert rows[10.0]["status"] == "failed" and "trial stopped" in rows[10.0]["error"]
     assert rows[0.002]["status"] == "completed"
-    assert s["selection"]["selected"]["params"]["trial.optimizer.lr"] == 0.002
+    assert s.selection.selected is not None and s.selection.selected["params"]["trial.optimizer.lr"] == 0.002
+    assert s.evaluation is None  # evaluate.enabled: false
 
 
 def test_asha_stopped_trials_are_pruned_and_never_selected(tmp_path: Path, tiny_data_cfg: DataConfig, ray_local: None) -> None:
@@ -86,5 +92,5 @@ def test_asha_stopped_trials_are_pruned_and_never_selected(tmp_path: Path, tiny_
     states = {round(t.params["trial.optimizer.lr"], 12): t.state for t in _study(run).trials}
     for r in stopped:
         assert states[round(float(r["trial.optimizer.lr"]), 12)] == optuna.trial.TrialState.PRUNED
-    sel = s["selection"]["selected"]
+    sel = s.selection.selected
     assert sel is not None and sel["trial_id"] not in {r["trial_id"] for r in stopped}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from pathlib import Path
@@ -11,7 +12,8 @@ import pytest
 from pqfn.config import DataConfig, load_config
 from pqfn.errors import ConfigError
 from tests.tune_jobs.conftest import sweep_yaml
-from tests.tune_jobs.wandb_records import offline_runs
+from tests.tune_jobs.wandb_records import epoch_steps, offline_runs
+from tune_jobs import trainable
 from tune_jobs.sweep import run_sweep
 
 pytestmark = pytest.mark.slow
@@ -32,6 +34,7 @@ def test_offline_runs_and_no_key_leak(tmp_path: Path, tiny_data_cfg: DataConfig,
     summary = [r for r in runs if r.job_type == "sweep-summary"]
     assert len(trials) == 2 and len(summary) == 1
     assert all(r.group == "wb" for r in runs)
+    assert sorted(r.id for r in trials) == sorted(r.config["trial_id"] for r in trials)  # run id = Tune trial id
     assert sorted(r.config["search.trial.resolution"] for r in trials) == [32, 40]
     for r in trials:
         assert r.config["trial.folds"] == 2
@@ -51,6 +54,44 @@ def test_offline_runs_and_no_key_leak(tmp_path: Path, tiny_data_cfg: DataConfig,
     for f in sweep.rglob("*"):
         if f.is_file():
             assert DUMMY_KEY.encode() not in f.read_bytes(), f
+
+
+def test_trial_failing_once_is_one_run_with_every_epoch_once(tmp_path: Path, tiny_data_cfg: DataConfig,
+                                                             ray_local: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A trial raises once before epoch 4; Tune retries it from its epoch-2 checkpoint (checkpoint_every 2).
+    Epoch 3 is trained twice but logged once; the retry continues the same W&B run (offline: a second
+    folder with the same run id)."""
+    marker = tmp_path / "failed-once"
+    run_trial = trainable.run_trial
+
+    def fails_once(config: dict, **kw: object) -> None:  # runs in the Ray worker (pickled by value)
+        from pqfn.trial import CrossValidation
+
+        run_epoch = CrossValidation.run_epoch
+
+        def flaky(self: CrossValidation) -> dict[str, float] | None:
+            if self.epoch == 3 and not marker.exists():
+                marker.touch()
+                raise RuntimeError("injected failure (test)")
+            return run_epoch(self)
+
+        CrossValidation.run_epoch = flaky  # type: ignore[method-assign]
+        try:
+            run_trial(config, **kw)  # type: ignore[arg-type]
+        finally:
+            CrossValidation.run_epoch = run_epoch  # type: ignore[method-assign]
+
+    monkeypatch.setattr(trainable, "run_trial", fails_once)
+    cfg = load_config(sweep_yaml(tmp_path, tiny_data_cfg, "retry", (
+        "search:\n  type: grid\n  max_failures: 1\n  checkpoint_every: 2\n  space: {trial.resolution: {choice: [32]}}\n"
+        "evaluate: {enabled: false}\nwandb: {mode: offline, project: pqfn-test}\n")), ["trial.epochs=4"])
+    s = run_sweep(cfg, log=lambda *a: None)
+    assert marker.exists() and s.selection.selected is not None
+    rows = list(csv.DictReader((tmp_path / "runs/retry/trials.csv").open()))
+    assert len(rows) == 1 and rows[0]["status"] == "completed" and float(rows[0]["restored_from"]) == 2
+    trials = [r for r in offline_runs(tmp_path / "runs/retry") if r.job_type == "trial"]
+    assert len(trials) == 2 and {r.id for r in trials} == {rows[0]["trial_id"]}  # two starts, one run
+    assert epoch_steps(trials) == {rows[0]["trial_id"]: [1, 2, 3, 4]}
 
 
 def test_disabled_writes_nothing(tmp_path: Path, tiny_data_cfg: DataConfig, ray_local: None) -> None:

@@ -51,6 +51,7 @@ def records(path: Path) -> list[Any]:
 @dataclass
 class OfflineRun:
     dir: Path
+    id: str = ""
     group: str = ""
     job_type: str = ""
     name: str = ""
@@ -76,7 +77,7 @@ def read_run(path: Path) -> OfflineRun:
     for m in records(path):
         kind = m.WhichOneof("record_type")
         if kind == "run":
-            run.group, run.job_type, run.name = m.run.run_group, m.run.job_type, m.run.display_name
+            run.id, run.group, run.job_type, run.name = m.run.run_id, m.run.run_group, m.run.job_type, m.run.display_name
             for item in m.run.config.update:
                 run.config[item.key] = json.loads(item.value_json)
         elif kind == "config":
@@ -90,4 +91,13 @@ def read_run(path: Path) -> OfflineRun:
 
 
 def offline_runs(sweep_dir: Path) -> list[OfflineRun]:
+    """Every offline run folder (a resumed run writes one more folder with the same id), oldest first."""
     return [read_run(p) for p in sorted((sweep_dir / "wandb").glob("offline-run-*/run-*.wandb"))]
+
+
+def epoch_steps(runs: list[OfflineRun]) -> dict[str, list[int]]:
+    """Per run id, the steps of its per-epoch records across all its folders, in the order logged."""
+    out: dict[str, list[int]] = {}
+    for r in runs:
+        out.setdefault(r.id, []).extend(int(h["_step"]) for h in r.history if "gap/acc" in h)
+    return out
