@@ -7,6 +7,8 @@ like finished trials to the sampler. Here:
 
 - a trial that did not reach its full epoch budget is told PRUNED (its per-epoch values stay
   in the study as intermediate values); one that raised is told FAIL;
+- intermediate values are keyed by epoch, not by Tune's report count (a trial reports only every
+  trial.eval_every epochs, and the count restarts differently after a restore);
 - on restore after a crash, study trials left RUNNING that the restored searcher does not know
   (handed out after its last snapshot, then orphaned) are marked FAIL; a trial the study saw
   finish after that snapshot is re-run by Tune from its checkpoint and keeps its first record.
@@ -20,6 +22,7 @@ import math
 from typing import Any
 
 import optuna
+from ray.tune.result import TRAINING_ITERATION
 from ray.tune.search.optuna import OptunaSearch
 from ray.tune.utils.util import flatten_dict
 
@@ -47,6 +50,8 @@ class HonestOptunaSearch(OptunaSearch):
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         # Resumed after a crash: the study recorded this trial's end after the searcher's last
         # snapshot, so Tune re-runs it from its checkpoint; the study keeps its first record.
+        if "epoch" in result:  # the stock searcher reports at step = training_iteration
+            result = result | {TRAINING_ITERATION: int(result["epoch"])}
         with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
             super().on_trial_result(trial_id, result)
 

@@ -24,13 +24,13 @@ def test_states_told_honestly(tmp_path: Path) -> None:
     s = _searcher(tmp_path / "o.db")
     for tid in ("full", "stopped", "error"):
         assert "trial.resolution" in s.suggest(tid)["overrides"]  # type: ignore[index]
-        s.on_trial_result(tid, {"objective": 0.1, "training_iteration": 1})
+        s.on_trial_result(tid, {"objective": 0.1, "training_iteration": 1, "epoch": 5.0})  # eval_every 5
     s.on_trial_complete("full", {"objective": 0.2, "epoch": 3, "epochs": 3})
     s.on_trial_complete("stopped", {"objective": 0.01, "epoch": 1, "epochs": 3})  # ASHA-stopped
     s.on_trial_complete("error", {"objective": 0.05, "epoch": 2, "epochs": 3}, error=True)
     study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'o.db'}")
     assert [t.state for t in study.trials] == [T.COMPLETE, T.PRUNED, T.FAIL]
-    assert study.trials[0].value == 0.2 and study.trials[1].intermediate_values == {1: 0.1}
+    assert study.trials[0].value == 0.2 and study.trials[1].intermediate_values == {5: 0.1}  # by epoch
 
 
 def test_restore_fails_only_orphans(tmp_path: Path) -> None:
