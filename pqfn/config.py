@@ -196,6 +196,7 @@ class SearchConfig(_Strict):
     asha: AshaConfig = AshaConfig()
     max_failures: int = Field(1, ge=0)  # retries of a failing trial from its checkpoint
     checkpoint_every: int = Field(1, ge=1)  # epochs between trial checkpoints (all folds' state)
+    progress_every_s: float = Field(10.0, gt=0)  # seconds between the console's progress lines
 
     @model_validator(mode="after")
     def _samples(self) -> SearchConfig:

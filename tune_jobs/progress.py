@@ -19,13 +19,17 @@ def _params(trial: Any) -> str:
 
 
 class ProgressLines(tune.Callback):
-    def __init__(self, total: int, slots: int, interval: float = 10.0, out: Any = print) -> None:
-        self.total, self.slots, self.interval, self.out = total, max(1, slots), interval, out
+    def __init__(self, total: int, slots: int, interval: float = 10.0, out: Any = None) -> None:
+        # out: a print-like function for tests; None = print (not stored: Tune pickles its callbacks)
+        self.total, self.slots, self.interval, self._out = total, max(1, slots), interval, out
         self.done = 0
         self.t0 = time.monotonic()
         self.last = self.t0
         self.started: dict[str, float] = {}
         self.durations: list[float] = []
+
+    def out(self, line: str, flush: bool = True) -> None:
+        (self._out or print)(line, flush=flush)
 
     # -------------------------------------------------------------- finished trials
     def _line(self, trial: Any, what: str) -> None:

@@ -46,6 +46,7 @@ from pqfn.report import print_summary, read_trials_csv, write_sweep
 from pqfn.selection import select
 from pqfn.splits import HoldOut, build_pool, split_test
 from pqfn.wandb_log import check_mode, summary_run
+from tune_jobs.progress import ProgressLines
 from tune_jobs.searcher import HonestOptunaSearch, fail_orphans
 from tune_jobs.space import grid_points, optuna_space
 from tune_jobs.trainable import PARAMS, make_trainable, params_of
@@ -337,34 +338,12 @@ def build_tuner(cfg: Config, sdir: Path, state: dict[str, Any], trainable: Any) 
         param_space = {PARAMS: tune.grid_search(grid_points(cfg))}
         tune_config = tune.TuneConfig(scheduler=scheduler, num_samples=s.num_samples, max_concurrent_trials=s.max_concurrent)
     run_config = tune.RunConfig(
-        name="tune", storage_path=str(sdir), callbacks=[ProgressLines(total_trials(cfg))],
+        name="tune", storage_path=str(sdir), callbacks=[ProgressLines(total_trials(cfg), trial_slots(cfg), cfg.search.progress_every_s)],
         failure_config=tune.FailureConfig(max_failures=s.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         verbose=0,
     )
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config), param_space
-
-
-class ProgressLines(tune.Callback):
-    """One readable line per finished trial (Tune's own table is off: verbose=0)."""
-
-    def __init__(self, total: int) -> None:
-        self.total = total
-        self.done = 0
-
-    def _line(self, trial: Any, what: str) -> None:
-        self.done += 1
-        m = trial.last_result or {}
-        params = ", ".join(f"{k.split('.', 1)[-1]}={v}" for k, v in params_of(trial.config).items())
-        extra = (f"val/bal_acc {m['val/bal_acc']:.3f}, worst class recall {m['val/min_recall']:.3f}, "
-                 f"gap/acc {m['gap/acc']:+.3f}, epoch {int(m['epoch'])}" if "val/bal_acc" in m else "")
-        print(f"[{self.done}/{self.total}] trial {trial.trial_id} ({params}): {what}{'; ' + extra if extra else ''}", flush=True)
-
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._line(trial, "completed" if is_complete(trial.last_result or {}) else "stopped early")
-
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._line(trial, "FAILED (see trials.csv, column error)")
 
 
 def collect(results: Any) -> list[TrialOutcome]:

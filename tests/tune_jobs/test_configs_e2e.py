@@ -33,7 +33,7 @@ def shrink(tmp_path: Path, data: DataConfig) -> list[str]:
 @pytest.mark.parametrize("name, extra", [
     # the README's main job: shuffled-grid sampler over its own space, W&B offline, held-out evaluation
     ("quickstart", ["search.num_samples=2", "search.space={trial.resolution: {choice: [32, 40]}, "
-                    "trial.data_size: {choice: [40]}}", "wandb.mode=offline"]),
+                    "trial.data_size: {choice: [40]}}", "wandb.mode=offline", "search.progress_every_s=0.5"]),
     # the study's one-axis-at-a-time grid (two axes of two values: 3 points, the centre shared)
     ("paper", ["search.axes=[{trial.resolution: [32, 40]}, {trial.batch_size: [8, 16]}]", "wandb.mode=disabled"]),
     # TPE with ASHA on val/loss
@@ -42,7 +42,7 @@ def shrink(tmp_path: Path, data: DataConfig) -> list[str]:
                       "{loguniform: [0.0005, 0.003]}}", "trial.epochs=2", "wandb.mode=disabled"]),
 ])
 def test_shipped_config_runs_end_to_end(name: str, extra: list[str], tmp_path: Path, tiny_data_cfg: DataConfig,
-                                        ray_local: None) -> None:
+                                        ray_local: None, capfd: pytest.CaptureFixture[str]) -> None:
     cfg = load_config(CONFIGS / f"{name}.yaml", shrink(tmp_path, tiny_data_cfg) + extra)
     s = run_sweep(cfg, log=lambda *a: None)
     run = tmp_path / "runs" / cfg.name
@@ -53,3 +53,7 @@ def test_shipped_config_runs_end_to_end(name: str, extra: list[str], tmp_path: P
         assert s.evaluation is not None and (run / "final" / "evaluation.json").exists()
         assert "baselines" in s.evaluation and s.evaluation["n_test_images"] > 0
     assert s.timing["slots"] >= 1 and s.timing["trial_time_sum_s"] > 0
+    if name == "quickstart":  # progress lines (plain text, not a terminal here) appear before the first trial ends
+        out = capfd.readouterr().out
+        assert "[progress " in out and "[1/2] trial" in out
+        assert out.index("[progress ") < out.index("[1/2] trial")
