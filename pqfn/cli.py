@@ -47,9 +47,11 @@ def prepare_out_dir(out: Path, *, resume: bool, overwrite: bool, what: str, can_
 # ---------------------------------------------------------------- synth
 def cmd_synth(a: argparse.Namespace) -> int:
     from pqfn.config import SynthConfig, validate
+    from pqfn.io import check_output_paths
     from pqfn.synth import class_counts, contact_sheet, generate
 
     out = Path(a.out_dir)
+    check_output_paths(folders={"out_dir": out})
     if (out / "manifest.csv").exists() and not a.overwrite:
         raise PqfnError(f"{out}: already holds a data set (manifest.csv); pass --overwrite to replace it")
     data = {"packages": {"Ag": a.ag, "NiPdAu": a.nipdau, "Cu": a.cu}, "max_cycles": a.max_cycles,
@@ -397,6 +399,10 @@ def main(argv: list[str] | None = None, extend: Callable[[Any], None] | None = N
         return int(args.func(args) or 0)
     except PqfnError as e:
         print(f"pqfn: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # disk full, permission denied, ... while writing: one line, not a traceback
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        print(f"pqfn: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         hint = " (use --resume to continue)" if hasattr(args, "resume") else ""  # only commands that have it

@@ -74,8 +74,14 @@ def load_members(folder: Path, model_name: str) -> FoldEnsemble:
 
 
 def load_oof(folder: Path) -> tuple[np.ndarray, np.ndarray]:
-    with np.load(folder / OOF_FILE) as z:
-        return z["index"], z["logits"]
+    """The out-of-fold (dataset rows, logits) saved beside the fold models; a missing or damaged file: one line."""
+    path = folder / OOF_FILE
+    try:
+        with np.load(path) as z:
+            return z["index"], z["logits"]
+    except (OSError, ValueError, KeyError, EOFError) as e:
+        raise TrialError(f"{path}: cannot read the out-of-fold predictions ({type(e).__name__}); expected the "
+                         "oof.npz that `pqfn trial` or a sweep trial writes beside models.safetensors") from None
 
 
 def natural_priors(labels: np.ndarray) -> np.ndarray:

@@ -32,6 +32,7 @@ from pqfn.bundle import Bundle, load_bundle
 from pqfn.config import CLASS_NAMES, CLASSES
 from pqfn.data import IMAGE_SUFFIXES, SkippedImagesWarning, decode_image
 from pqfn.errors import DataError
+from pqfn.io import read_csv
 
 SEVERITY = ("D", "A", "B", "C")  # least to most severe (module docstring)
 META_COLUMNS = ("label", "package_id", "metallization", "cycles")
@@ -72,23 +73,17 @@ class Predictions:
 
 
 def _read_manifest(path: Path) -> tuple[list[InputImage], set[Path]]:
-    """A manifest's scans (with their metadata) and the mask files it names."""
-    try:
-        with path.open(newline="") as f:
-            reader = csv.DictReader(f)
-            if "path" not in (reader.fieldnames or []):
-                raise DataError(f"{path}: manifest lacks a 'path' column")
-            items, masks = [], set()
-            for r in reader:
-                rel = (r.get("path") or "").strip()
-                if not rel:
-                    continue
-                meta = {k: (r.get(k) or "").strip() for k in META_COLUMNS if (r.get(k) or "").strip()}
-                items.append(InputImage(path.parent / rel, rel, meta))
-                if (r.get("mask") or "").strip():
-                    masks.add((path.parent / r["mask"].strip()).resolve())
-    except OSError as e:
-        raise DataError(f"{path}: cannot read manifest ({e.strerror or e})") from None
+    """A manifest's scans (with their metadata) and the mask files it names (binary, non-UTF-8 or ragged
+    files: one DataError line naming the file)."""
+    items, masks = [], set()
+    for _, r in read_csv(path, "manifest", required=("path",), error=DataError, expected="path[,label,package_id,...]"):
+        rel = (r.get("path") or "").strip()
+        if not rel:
+            continue
+        meta = {k: (r.get(k) or "").strip() for k in META_COLUMNS if (r.get(k) or "").strip()}
+        items.append(InputImage(path.parent / rel, rel, meta))
+        if (r.get("mask") or "").strip():
+            masks.add((path.parent / r["mask"].strip()).resolve())
     return items, masks
 
 

@@ -299,3 +299,26 @@ def test_non_image_files_are_skipped_corrupt_images_warned(tmp_path: Path) -> No
     (empty / "A" / "readme.md").write_text("x")
     with pytest.raises(DataError, match="no image files.*readme.md"):
         load_dataset(DataConfig(source="folders", path=empty, cache_dir=tmp_path / "c"), log=False)
+
+
+# ------------------------------------------------------------------ more instances of classes 2 and 3
+def test_synth_into_a_file_and_predict_on_a_binary_manifest(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = tmp_path / "afile"
+    f.write_bytes(b"keep me")
+    fails(["synth", f], capsys, "out_dir", str(f))
+    assert f.read_bytes() == b"keep me"
+    from pqfn.predict import collect_inputs
+
+    bad = tmp_path / "scans.csv"
+    bad.write_bytes(bytes(range(128, 256)))
+    with pytest.raises(DataError, match="scans.csv"):
+        collect_inputs([bad])
+
+
+def test_damaged_out_of_fold_file_is_one_line(tmp_path: Path) -> None:
+    from pqfn.ensemble import load_oof
+    from pqfn.errors import TrialError
+
+    (tmp_path / "oof.npz").write_bytes(b"half")
+    with pytest.raises(TrialError, match="oof.npz"):
+        load_oof(tmp_path)
