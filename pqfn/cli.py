@@ -11,6 +11,7 @@ import json
 import shutil
 import sys
 import time
+import uuid
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -128,7 +129,12 @@ def cmd_trial(a: argparse.Namespace) -> int:
           f"{tc.resolution} px, batch {tc.batch_size}, on {cv.device}")
     cols = ["train/acc", "val/acc", "gap/acc", "train/loss", "val/loss", "gap/loss", "val/bal_acc", "val/min_recall"]
     head = f"{'epoch':>5} " + " ".join(f"{c:>14}" for c in cols) + f" {'sec':>6}"
-    run = trial_run(cfg, {}, trial_name=f"{cfg.name}-local", folder=out) if cv.epoch < tc.epochs else None
+    # One W&B run per results folder however often it is resumed: its id is kept in the folder.
+    id_file = out / "wandb_id"
+    if not id_file.exists():
+        atomic_write(id_file, f"{cfg.name}-{uuid.uuid4().hex[:8]}")
+    run = (trial_run(cfg, {}, trial_name=f"{cfg.name}-local", trial_id=id_file.read_text().strip(), folder=out,
+                     step_file=out / "wandb_step") if cv.epoch < tc.epochs else None)
     bar = tqdm(total=tc.epochs, initial=cv.epoch, desc="epochs", unit="ep", file=sys.stderr, leave=False)
 
     def line(rec: dict[str, float]) -> str:
