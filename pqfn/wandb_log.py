@@ -15,6 +15,8 @@ last checkpoint; those are not logged again (TrialRun keeps the last logged step
 from __future__ import annotations
 
 import os
+import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,8 @@ from pqfn.errors import ConfigError
 from pqfn.io import atomic_write_text
 from pqfn.records import SweepResult, TrialOutcome
 from pqfn.report import trial_table
+
+INIT_ATTEMPTS, INIT_WAIT_S = 5, 3.0  # up to 30 s of waiting for a run id still in use
 
 
 def resolve_mode(cfg: Config) -> str:
@@ -74,12 +78,23 @@ def init_run(cfg: Config, *, job_type: str, name: str, config: dict[str, Any], f
 
     d = (folder or sweep_dir(cfg)).resolve()
     d.mkdir(parents=True, exist_ok=True)
-    return wandb.init(
+    kwargs: dict[str, Any] = dict(
         project=cfg.wandb.project, entity=cfg.wandb.entity, group=cfg.name, job_type=job_type, name=name,
-        config=config, dir=str(d), mode=mode, reinit="create_new",  # type: ignore[arg-type]
-        id=run_id, resume="allow" if run_id else None,
+        config=config, dir=str(d), mode=mode, reinit="create_new", id=run_id, resume="allow" if run_id else None,
         settings=wandb.Settings(silent=True, console="off", x_disable_stats=True, x_disable_meta=True),
     )
+    # Logging must never fail a trial. A run id can stay "in use" for a while after its previous holder was
+    # killed (seen after a SIGKILLed driver: the old W&B service still held it): wait for it, then go on
+    # without W&B for this run, with a warning.
+    for attempt in range(INIT_ATTEMPTS):
+        try:
+            return wandb.init(**kwargs)
+        except Exception as e:  # noqa: BLE001 - wandb raises several kinds; none may stop training
+            if attempt + 1 == INIT_ATTEMPTS:
+                warnings.warn(f"W&B: run {run_id or name} not logged ({type(e).__name__}: {str(e)[:200]})", stacklevel=2)
+                return None
+            time.sleep(INIT_WAIT_S * (attempt + 1))
+    return None
 
 
 @dataclass
