@@ -31,19 +31,17 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pqfn.config import CLASSES, TrialConfig
 from pqfn.data import Dataset
 from pqfn.errors import ConfigError, PqfnError
+from pqfn.trial import MEAN, STD, resize_uint8
 
 FORMAT = "pqfn-bundle"
 FORMAT_VERSION = 1  # bump when a reader of the old layout would misread the new one
 WEIGHTS_FILE = "model.safetensors"
 BUNDLE_FILE = "bundle.json"
-# The input normalisation every pqfn model trains with (pqfn.trial): x = (pixel / 255 - MEAN) / STD.
-MEAN, STD = 0.5, 0.25
 
 
 @dataclass(frozen=True)
@@ -55,11 +53,7 @@ class Preprocessing:
 
     def resize(self, images: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
         """Decoded (N, decode_size, decode_size) uint8 -> (N, 1, r, r) uint8, the resize of TrialImages."""
-        x = torch.from_numpy(np.ascontiguousarray(images)).to(device).unsqueeze(1).float()
-        if x.shape[-1] != self.resolution or x.shape[-2] != self.resolution:
-            x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear", antialias=True,
-                              align_corners=False)
-        return x.round_().clamp_(0, 255).to(torch.uint8)
+        return resize_uint8(torch.from_numpy(np.ascontiguousarray(images)).to(device), self.resolution)
 
     @staticmethod
     def normalise(x_uint8: torch.Tensor) -> torch.Tensor:

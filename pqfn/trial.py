@@ -55,6 +55,18 @@ def use_channels_last(cfg: TrialConfig, device: torch.device) -> bool:
     return True if cfg.channels_last == "auto" else bool(cfg.channels_last)
 
 
+# The input normalisation every pqfn model trains with: x = (pixel / 255 - MEAN) / STD (bundles record it).
+MEAN, STD = 0.5, 0.25
+
+
+def resize_uint8(images: torch.Tensor, resolution: int) -> torch.Tensor:
+    """(N, H, W) uint8 -> (N, 1, r, r) uint8: the one resize of training, evaluation and `pqfn predict`."""
+    x = images.unsqueeze(1).float()
+    if x.shape[-1] != resolution or x.shape[-2] != resolution:
+        x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
+    return x.round_().clamp_(0, 255).to(torch.uint8)
+
+
 class TrialImages:
     """The images one trial needs, resized ONCE to the trial's resolution and held on the device."""
 
@@ -64,10 +76,7 @@ class TrialImages:
         self.row[needed] = np.arange(len(needed))
         chunks = []
         for s in range(0, len(needed), 256):
-            x = torch.from_numpy(ds.images[needed[s : s + 256]]).to(device).unsqueeze(1).float()
-            if x.shape[-1] != resolution or x.shape[-2] != resolution:
-                x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
-            chunks.append(x.round_().clamp_(0, 255).to(torch.uint8))
+            chunks.append(resize_uint8(torch.from_numpy(ds.images[needed[s : s + 256]]).to(device), resolution))
         self.images = torch.cat(chunks)  # (M, 1, r, r) uint8
         self.labels = torch.from_numpy(ds.labels[needed]).to(device)  # (M,) int64
 
@@ -87,7 +96,7 @@ def predict_logits(cfg: TrialConfig, model: torch.nn.Module, images: torch.Tenso
     bf16, cl = use_bf16(cfg, device), use_channels_last(cfg, device)
     out = []
     for s in range(0, len(images), cfg.eval_batch_size):
-        x = (_to_input(images[s : s + cfg.eval_batch_size].to(device), cl) - 0.5) / 0.25
+        x = (_to_input(images[s : s + cfg.eval_batch_size].to(device), cl) - MEAN) / STD
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             out.append(model(x).float())
     return torch.cat(out)
@@ -154,7 +163,7 @@ class Learner:
             x = _to_input(self.data.images[rows], self.channels_last)
             a = cfg.augment
             x = augment_batch(x, self.gen, a.rotation_deg, a.contrast, a.hflip)
-            x = (x - 0.5) / 0.25
+            x = (x - MEAN) / STD
             with self._autocast():
                 logits = self.model(x)
                 loss = F.cross_entropy(logits.float(), self.data.labels[rows], label_smoothing=cfg.label_smoothing)
