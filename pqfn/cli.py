@@ -133,8 +133,10 @@ def cmd_trial(a: argparse.Namespace) -> int:
     id_file = out / "wandb_id"
     if not id_file.exists():
         atomic_write(id_file, f"{cfg.name}-{uuid.uuid4().hex[:8]}")
-    run = (trial_run(cfg, {}, trial_name=f"{cfg.name}-local", trial_id=id_file.read_text().strip(), folder=out,
-                     step_file=out / "wandb_step") if cv.epoch < tc.epochs else None)
+    run = (trial_run(cfg, {}, trial_name=f"{cfg.name}-local", trial_id=id_file.read_text().strip(), folder=out)
+           if cv.epoch < tc.epochs else None)
+    if run is not None:
+        run.replay(cv.history)  # epochs a killed run logged but W&B never wrote
     bar = tqdm(total=tc.epochs, initial=cv.epoch, desc="epochs", unit="ep", file=sys.stderr, leave=False)
 
     def line(rec: dict[str, float]) -> str:

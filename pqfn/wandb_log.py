@@ -8,8 +8,9 @@ a log or a results folder. Runs are written under <sweep folder>/wandb with an a
 A sweep trial is ONE W&B run however often it starts (a retry after a failure, a restore after the
 driver died): the run id is the Tune trial id and resume="allow". Online, W&B continues that run.
 Offline, every start writes one more `offline-run-<time>-<trial id>` folder; `wandb sync` uploads
-the folders of one id into that one run, in order. A restarted trial repeats the epochs after its
-last checkpoint; those are not logged again (TrialRun keeps the last logged step in a file).
+the folders of one id into that one run, in order. What an earlier start wrote is read back when
+the run starts (wandb_files.logged_steps): a restarted trial logs only the epochs W&B does not hold,
+replaying from its checkpoint those that a killed process logged but never wrote.
 """
 
 from __future__ import annotations
@@ -17,15 +18,16 @@ from __future__ import annotations
 import os
 import time
 import warnings
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pqfn.config import Config
 from pqfn.errors import ConfigError
-from pqfn.io import atomic_write_text
 from pqfn.records import SweepResult, TrialOutcome
 from pqfn.report import trial_table
+from pqfn.wandb_files import logged_steps
 
 INIT_ATTEMPTS, INIT_WAIT_S = 5, 3.0  # up to 30 s of waiting for a run id still in use
 
@@ -101,36 +103,33 @@ def init_run(cfg: Config, *, job_type: str, name: str, config: dict[str, Any], f
 class TrialRun:
     """One trial's W&B run; each step (epoch) is logged at most once across the trial's restarts.
 
-    step_file holds the last logged step (a restarted trial resumes from a checkpoint at or before it
-    and repeats the epochs in between; offline W&B cannot tell, so this file does). Without a step_file
-    every step is logged.
+    `logged` holds the steps W&B already has for this run id, read from W&B itself when the run starts:
+    the offline run files of earlier starts (wandb-core writes them only every 15 s and at finish, so a
+    killed start keeps fewer epochs than it logged), or the step an online run resumes at. A restarted
+    trial calls replay() with its checkpoint's history, then logs its new epochs.
     """
 
     run: Any
-    step_file: Path | None = None
-    last_step: int = 0
+    logged: set[int] = field(default_factory=set)
+    below: int = 0  # online resume: every step below this one is on the server
 
     def log(self, record: dict[str, Any], step: int) -> None:
-        if step <= self.last_step:
+        if step < self.below or step in self.logged:
             return
         self.run.log(record, step=step)
-        self.last_step = step
-        if self.step_file is not None:
-            atomic_write_text(self.step_file, str(step))
+        self.logged.add(step)
+
+    def replay(self, history: list[dict[str, Any]], shape: Callable[[dict[str, Any]], dict[str, Any]] = dict) -> None:
+        """Log the epochs of a restored checkpoint that W&B does not hold (lost with a killed process)."""
+        for rec in history:
+            self.log(shape(rec), step=int(rec["epoch"]))
 
     def finish(self) -> None:
         self.run.finish()
 
 
-def _last_step(step_file: Path | None) -> int:
-    try:
-        return int(step_file.read_text()) if step_file is not None and step_file.exists() else 0
-    except (OSError, ValueError):  # unreadable: log from the start rather than lose epochs
-        return 0
-
-
 def trial_run(cfg: Config, overrides: dict[str, Any], trial_name: str | None = None, trial_id: str | None = None,
-              folder: Path | None = None, step_file: Path | None = None) -> TrialRun | None:
+              folder: Path | None = None) -> TrialRun | None:
     """A W&B run for one trial (sweep trials and `pqfn trial` alike); None when W&B is disabled.
 
     With trial_id, the run's id is the trial id, so a retried or restored trial continues its own run.
@@ -140,9 +139,12 @@ def trial_run(cfg: Config, overrides: dict[str, Any], trial_name: str | None = N
     run = init_run(cfg, job_type="trial", name=name, config=flat, folder=folder, run_id=trial_id)
     if run is None:
         return None
-    if step_file is not None:
-        step_file.parent.mkdir(parents=True, exist_ok=True)
-    return TrialRun(run, step_file, _last_step(step_file))
+    if trial_id is None:
+        return TrialRun(run)
+    if resolve_mode(cfg) == "offline":
+        sync_dir = Path(run.settings.sync_dir)
+        return TrialRun(run, logged_steps(sync_dir.parent, trial_id, exclude=sync_dir))
+    return TrialRun(run, below=int(run.starting_step) if run.resumed else 0)
 
 
 def summary_run(cfg: Config, sdir: Path, rows: list[TrialOutcome], result: SweepResult) -> None:

@@ -29,7 +29,6 @@ from pqfn.trial import CrossValidation
 from pqfn.wandb_log import trial_run
 
 STATE_FILE = "trial_state.pt"
-WANDB_STEP_FILE = "wandb_step"  # in the trial folder: the last epoch logged to the trial's W&B run
 PARAMS = "overrides"  # the one key under which every search type passes a trial's parameters
 
 
@@ -63,21 +62,27 @@ def run_trial(config: dict[str, Any], *, base: Config, data: Dataset, pool: np.n
                                                error=TrialError))
         restored_from = float(cv.epoch)
 
-    # One W&B run per trial (id = trial id) across retries and restores; epochs are logged once.
-    run = trial_run(cfg, params, trial_name=ctx.get_trial_name(), trial_id=trial_id,
-                    step_file=trial_folder(cfg, trial_id) / WANDB_STEP_FILE)
     node_id = ray.get_runtime_context().get_node_id()
-    # Checkpoint once checkpoint_every epochs have passed since the last one: records (and so checkpoints)
-    # come only at measured epochs (trial.eval_every), which need not be multiples of checkpoint_every.
-    saved_at = [cv.epoch]
 
-    def on_epoch(rec: dict[str, float], cv: CrossValidation) -> None:
+    def shape(rec: dict[str, float]) -> dict[str, Any]:
         out: dict[str, Any] = dict(rec)
         out["epochs"] = float(tc.epochs)
         out["objective"] = search_objective(rec, cfg.selection)
         out["node_id"] = node_id  # which Ray node ran this epoch (node_ip is the same for nodes on one host)
         out["restored_from"] = restored_from  # epoch of the checkpoint this run resumed from; 0 = fresh
-        out |= process_memory_mb()  # mem/*: the data set maps the object store, shared
+        return out
+
+    # One W&B run per trial (id = trial id) across retries and restores, each epoch once: the restored
+    # epochs that W&B lost with a killed process are logged again from the checkpoint's history.
+    run = trial_run(cfg, params, trial_name=ctx.get_trial_name(), trial_id=trial_id)
+    if run is not None:
+        run.replay(cv.history, shape)
+    # Checkpoint once checkpoint_every epochs have passed since the last one: records (and so checkpoints)
+    # come only at measured epochs (trial.eval_every), which need not be multiples of checkpoint_every.
+    saved_at = [cv.epoch]
+
+    def on_epoch(rec: dict[str, float], cv: CrossValidation) -> None:
+        out = shape(rec) | process_memory_mb()  # mem/*: the data set maps the object store, shared
         if run is not None:
             run.log(out, step=int(rec["epoch"]))
         last = cv.epoch >= tc.epochs

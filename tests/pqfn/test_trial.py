@@ -16,7 +16,7 @@ from pqfn.metrics import FOLD_METRICS
 from pqfn.model import build_model
 from pqfn.splits import split_test
 from pqfn.trial import CrossValidation, cross_validate, fold_workers
-from tests.tune_jobs.wandb_records import offline_runs
+from pqfn.wandb_files import offline_runs
 
 TINY = dict(resolution=32, folds=2, epochs=2, data_size=40, batch_size=8, max_copies=10, device="cpu")
 
@@ -180,14 +180,19 @@ def test_seeded_trial_is_pinned(tiny_ds: Dataset, pool: np.ndarray) -> None:
     """A silent change of behaviour (data path, folds, model, optimizer, augmentation, metrics) fails here.
 
     Values recorded before and after the code-path refactor (identical to the last digit on an AVX2 CPU
-    in fp32, 1 thread). Tolerances leave room for other CPUs' fp32 kernels: losses rtol 2e-3; accuracies
-    within one image.
+    in fp32, 1 thread). Tolerances leave room for other CPUs' fp32 kernels: losses rtol 2e-3 (the sharp
+    pin); accuracies within two images of one fold, since this 2-epoch model sits near chance (loss ~ ln 4)
+    and an argmax flips on the last bits: an AVX512 CPU gives train/acc 0.284 here, one image from 0.314.
     """
     cfg = TrialConfig(**(TINY | {"threads": 1, "bf16": False}))
-    rec = cross_validate(cfg, tiny_ds, pool).records[-1]
+    res = cross_validate(cfg, tiny_ds, pool)
+    rec = res.records[-1]
+    # One image in the smallest fold moves the fold mean by 1 / (folds x its size).
+    train_img = 1 / (cfg.folds * min(len(f.train_eval) for f in res.folds))
+    val_img = 1 / (cfg.folds * min(len(f.val) for f in res.folds))
     pinned = {"train/loss": 1.3873197436332703, "val/loss": 1.3905994892120361, "fold1/val/loss": 1.3618720769882202,
               "fold2/train/loss": 1.3890345096588135}
     for k, v in pinned.items():
         assert rec[k] == pytest.approx(v, rel=2e-3), k
-    assert rec["train/acc"] == pytest.approx(0.3137255012989044, abs=0.021)
-    assert rec["val/acc"] == pytest.approx(0.34705883264541626, abs=0.03)
+    assert rec["train/acc"] == pytest.approx(0.3137255012989044, abs=2 * train_img + 1e-6)
+    assert rec["val/acc"] == pytest.approx(0.34705883264541626, abs=2 * val_img + 1e-6)

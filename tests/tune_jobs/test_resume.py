@@ -22,8 +22,8 @@ import pytest
 
 from pqfn.config import DataConfig, load_config
 from pqfn.data import Dataset
+from pqfn.wandb_files import epoch_steps, offline_runs
 from tests.tune_jobs.conftest import sweep_yaml
-from tests.tune_jobs.wandb_records import epoch_steps, offline_runs
 from tune_jobs.sweep import STUDY_DB, STUDY_JOURNAL, study_storage
 
 pytestmark = pytest.mark.slow

@@ -11,8 +11,8 @@ import pytest
 
 from pqfn.config import DataConfig, load_config
 from pqfn.errors import ConfigError
+from pqfn.wandb_files import epoch_steps, offline_runs
 from tests.tune_jobs.conftest import sweep_yaml
-from tests.tune_jobs.wandb_records import epoch_steps, offline_runs
 from tune_jobs import trainable
 from tune_jobs.sweep import run_sweep
 

@@ -2,6 +2,11 @@
 
 wandb 0.31 writes them from its Go core and no longer ships a Python reader; the message
 classes (wandb.proto.wandb_internal_pb2) are still shipped, so the framing is read here.
+
+Why pqfn reads them: wandb-core buffers a run's records and writes them to the file every
+x_transaction_log_flush_interval (15 s) or at finish, so a SIGKILLed trial loses its last
+records. What the file holds is the only truth about which epochs an offline run has; a
+restarted trial re-logs the rest from its checkpoint (wandb_log.TrialRun).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from google.protobuf.message import DecodeError
 from wandb.proto import wandb_internal_pb2 as pb
 
 BLOCK = 32768
@@ -19,8 +25,10 @@ HEADER = 7  # ':W&B' + magic (2 bytes) + version (1 byte); each record: crc32, l
 
 
 def records(path: Path) -> list[Any]:
+    """Every complete record of the file; a tail cut by a killed writer is ignored."""
     data = path.read_bytes()
-    assert data[:4] == b":W&B", f"{path} is not a W&B run file"
+    if data[:4] != b":W&B":
+        raise ValueError(f"{path} is not a W&B run file")
     out, buf, pos = [], b"", HEADER
     while pos + 7 <= len(data):
         left = BLOCK - pos % BLOCK
@@ -31,6 +39,8 @@ def records(path: Path) -> list[Any]:
         if length == 0 and kind == 0:
             pos += left
             continue
+        if pos + 7 + length > len(data):
+            break  # cut short: the writer was killed mid-record
         payload, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
         if kind == 1:
             out.append(payload)
@@ -42,8 +52,11 @@ def records(path: Path) -> list[Any]:
             out.append(buf + payload)
     msgs = []
     for raw in out:
-        m = pb.Record()
-        m.ParseFromString(raw)
+        m = pb.Record()  # type: ignore[attr-defined]  # generated protobuf module, no stubs
+        try:
+            m.ParseFromString(raw)
+        except DecodeError:
+            break
         msgs.append(m)
     return msgs
 
@@ -96,8 +109,25 @@ def offline_runs(sweep_dir: Path) -> list[OfflineRun]:
 
 
 def epoch_steps(runs: list[OfflineRun]) -> dict[str, list[int]]:
-    """Per run id, the steps of its per-epoch records across all its folders, in the order logged."""
+    """Per run id, the steps of its per-epoch records across all its folders, in the order logged (a folder
+    whose writer was killed before its first write holds no run: it is left out)."""
     out: dict[str, list[int]] = {}
     for r in runs:
+        if not r.id:
+            continue
         out.setdefault(r.id, []).extend(int(h["_step"]) for h in r.history if "gap/acc" in h)
     return out
+
+
+def logged_steps(wandb_dir: Path, run_id: str, exclude: Path | None = None) -> set[int]:
+    """The per-epoch steps that the offline folders of run_id under wandb_dir hold (exclude: the folder of the
+    run being written now). Unreadable files count as holding nothing: an epoch is then logged again."""
+    steps: set[int] = set()
+    for f in sorted(wandb_dir.glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")):
+        if exclude is not None and f.parent.resolve() == exclude.resolve():
+            continue
+        try:
+            steps.update(int(h["_step"]) for h in read_run(f).history if "_step" in h)
+        except (OSError, ValueError):
+            continue
+    return steps

@@ -1,0 +1,89 @@
+"""A trial killed mid-run keeps each epoch once in W&B: what W&B holds is read back from its offline files.
+
+wandb-core writes an offline run's file only every 15 s and at finish, so a SIGKILLed process loses the
+epochs it logged last. The restarted trial must log those again (from its checkpoint's history) and no
+others. Real offline W&B, a real SIGKILL.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pqfn.config import load_config
+from pqfn.wandb_files import epoch_steps, logged_steps, offline_runs
+from pqfn.wandb_log import trial_run
+
+ROOT = Path(__file__).resolve().parents[2]
+RUN_ID = "t0restart"
+
+# Log epochs 1..2 of a trial, say so, then hang until killed (or finish the run when told to).
+WRITER = """
+import sys, time
+from pathlib import Path
+from pqfn.config import load_config
+from pqfn.wandb_log import trial_run
+cfg = load_config(sys.argv[1], ["wandb.mode=offline"])
+run = trial_run(cfg, {}, trial_name="t", trial_id=sys.argv[2], folder=Path(sys.argv[3]))
+for e in (1, 2):
+    run.log({"epoch": float(e), "gap/acc": 0.1 * e}, step=e)
+if sys.argv[4] == "finish":
+    run.finish()
+print("logged", flush=True)
+time.sleep(600)
+"""
+
+
+def _history(n: int) -> list[dict[str, float]]:
+    return [{"epoch": float(e), "gap/acc": 0.1 * e} for e in range(1, n + 1)]
+
+
+def _first_start(tmp_path: Path, mode: str) -> None:
+    cfg = ROOT / "configs/quickstart.yaml"
+    p = subprocess.Popen([sys.executable, "-c", WRITER, str(cfg), RUN_ID, str(tmp_path), mode], cwd=ROOT,
+                         stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert p.stdout is not None and p.stdout.readline().strip() == "logged"
+        time.sleep(0.5)
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)  # the process and its wandb-core, mid-run
+        p.wait()
+
+
+@pytest.mark.parametrize("mode", ["kill", "finish"])
+def test_restart_logs_each_epoch_once(tmp_path: Path, mode: str) -> None:
+    _first_start(tmp_path, mode)
+    held = logged_steps(tmp_path / "wandb", RUN_ID)
+    # Killed before any flush: the file holds nothing. Finished: it holds both epochs.
+    assert held == ({1, 2} if mode == "finish" else set())
+
+    cfg = load_config(ROOT / "configs/quickstart.yaml", ["wandb.mode=offline"])
+    run = trial_run(cfg, {}, trial_name="t", trial_id=RUN_ID, folder=tmp_path)
+    assert run is not None
+    run.replay(_history(2))  # the restored checkpoint's epochs
+    run.log(_history(3)[-1], step=3)
+    run.log(_history(3)[-1], step=3)  # a repeated epoch is not logged twice
+    run.finish()
+    assert epoch_steps(offline_runs(tmp_path)) == {RUN_ID: [1, 2, 3]}
+    assert len(list((tmp_path / "wandb").glob(f"offline-run-*-{RUN_ID}"))) == 2  # one run id, two starts
+
+
+def test_reader_ignores_a_cut_tail(tmp_path: Path) -> None:
+    cfg = load_config(ROOT / "configs/quickstart.yaml", ["wandb.mode=offline"])
+    run = trial_run(cfg, {}, trial_name="t", trial_id=RUN_ID, folder=tmp_path)
+    assert run is not None
+    run.replay(_history(3))
+    run.finish()
+    (f,) = (tmp_path / "wandb").glob(f"offline-run-*-{RUN_ID}/run-{RUN_ID}.wandb")
+    whole = logged_steps(tmp_path / "wandb", RUN_ID)
+    f.write_bytes(f.read_bytes()[:-40])  # a writer killed mid-record
+    cut = logged_steps(tmp_path / "wandb", RUN_ID)
+    assert whole == {1, 2, 3} and cut <= whole
+    f.write_bytes(b"not a W&B file")
+    assert logged_steps(tmp_path / "wandb", RUN_ID) == set()  # unreadable: every epoch is logged again
