@@ -29,6 +29,7 @@ from pqfn.records import SweepResult, TrialOutcome
 from pqfn.report import trial_table
 from pqfn.wandb_files import logged_steps
 
+SERVICE_ENV = "WANDB_SERVICE"
 INIT_ATTEMPTS, INIT_WAIT_S = 5, 3.0  # up to 30 s of waiting for a run id still in use
 
 
@@ -70,6 +71,19 @@ def flat_config(cfg: Config) -> dict[str, Any]:
     return out
 
 
+def own_service() -> None:
+    """Log through a W&B service of this process, never one inherited from a parent (WANDB_SERVICE, which
+    wandb.init exports, so Ray workers and subprocesses of a process that used W&B connect to its service).
+
+    An inherited service outlives this process: after a SIGKILL the run id stays "in use" there, so the
+    restarted trial could not log, and the epochs it had not written yet sit in another process's buffer.
+    The token reads "<version>-<pid of the service's owner>-unix|tcp-...".
+    """
+    token = os.environ.get(SERVICE_ENV)
+    if token is not None and token.split("-")[1:2] != [str(os.getpid())]:
+        del os.environ[SERVICE_ENV]
+
+
 def init_run(cfg: Config, *, job_type: str, name: str, config: dict[str, Any], folder: Path | None = None,
              run_id: str | None = None) -> Any:
     """A W&B run, or None when W&B is disabled. With run_id, the run of that id is continued (resume="allow")."""
@@ -78,6 +92,7 @@ def init_run(cfg: Config, *, job_type: str, name: str, config: dict[str, Any], f
         return None
     import wandb
 
+    own_service()
     d = (folder or sweep_dir(cfg)).resolve()
     d.mkdir(parents=True, exist_ok=True)
     kwargs: dict[str, Any] = dict(
@@ -85,9 +100,8 @@ def init_run(cfg: Config, *, job_type: str, name: str, config: dict[str, Any], f
         config=config, dir=str(d), mode=mode, reinit="create_new", id=run_id, resume="allow" if run_id else None,
         settings=wandb.Settings(silent=True, console="off", x_disable_stats=True, x_disable_meta=True),
     )
-    # Logging must never fail a trial. A run id can stay "in use" for a while after its previous holder was
-    # killed (seen after a SIGKILLed driver: the old W&B service still held it): wait for it, then go on
-    # without W&B for this run, with a warning.
+    # Logging must never fail a trial: if W&B cannot start (a run id still "in use" in a service that has not
+    # noticed its client died, a full disk), wait a little, then go on without W&B for this run, with a warning.
     for attempt in range(INIT_ATTEMPTS):
         try:
             return wandb.init(**kwargs)

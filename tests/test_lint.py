@@ -13,7 +13,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("tool", [["ruff", "check", "pqfn", "tune_jobs", "tests"], ["mypy"]], ids=["ruff", "mypy"])
+@pytest.mark.parametrize("tool", [["ruff", "check", "pqfn", "tune_jobs", "tests"],
+                                  pytest.param(["mypy"], marks=pytest.mark.slow)], ids=["ruff", "mypy"])
 def test_static_checks(tool: list[str]) -> None:
     exe = shutil.which(tool[0], path=str(Path(sys.executable).parent))
     if exe is None:

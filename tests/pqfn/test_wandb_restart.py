@@ -18,7 +18,7 @@ import pytest
 
 from pqfn.config import load_config
 from pqfn.wandb_files import epoch_steps, logged_steps, offline_runs
-from pqfn.wandb_log import trial_run
+from pqfn.wandb_log import SERVICE_ENV, trial_run
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN_ID = "t0restart"
@@ -46,6 +46,11 @@ def _history(n: int) -> list[dict[str, float]]:
 
 def _first_start(tmp_path: Path, mode: str) -> None:
     cfg = ROOT / "configs/quickstart.yaml"
+    # As under Ray or a notebook: this process already has a W&B service, and children inherit its address.
+    parent = trial_run(load_config(cfg, ["wandb.mode=offline"]), {}, trial_name="p", trial_id="parent", folder=tmp_path / "p")
+    assert parent is not None
+    parent.finish()
+    assert os.environ.get(SERVICE_ENV)
     p = subprocess.Popen([sys.executable, "-c", WRITER, str(cfg), RUN_ID, str(tmp_path), mode], cwd=ROOT,
                          stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:
@@ -54,10 +59,12 @@ def _first_start(tmp_path: Path, mode: str) -> None:
     finally:
         os.killpg(p.pid, signal.SIGKILL)  # the process and its wandb-core, mid-run
         p.wait()
+    time.sleep(1.0)  # W&B names a start's folder by the second: a real restart takes longer than that
 
 
 @pytest.mark.parametrize("mode", ["kill", "finish"])
 def test_restart_logs_each_epoch_once(tmp_path: Path, mode: str) -> None:
+    """Killed: the file holds nothing, the restart logs 1-3 from the checkpoint; finished: it holds 1-2."""
     _first_start(tmp_path, mode)
     held = logged_steps(tmp_path / "wandb", RUN_ID)
     # Killed before any flush: the file holds nothing. Finished: it holds both epochs.
