@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from pqfn.bundle import load_bundle
-from pqfn.explain import gradcam, localisation_score, target_layers
+from pqfn.explain import cell_offset, gradcam, localisation_score, target_layers
+from pqfn.model import build_model
 from tests.pqfn.bundles import make_bundle
 
 
@@ -58,9 +59,34 @@ def test_gradcam_points_at_the_evidence() -> None:
 def test_gradcam_on_a_bundle_model_and_its_layer(tmp_path: Path) -> None:
     b = load_bundle(make_bundle(tmp_path / "b", members=2))
     layers = target_layers(b.model, 32)
-    assert len(layers) == 2 and layers[0] is b.model.members[0].layer2  # stride 8: 4x4 cells at 32 px
-    assert target_layers(b.model, 64)[0] is b.model.members[0].layer2
-    assert target_layers(b.model, 16)[1] is b.model.members[1].layer1  # stride 8 would leave 2x2 cells
+    assert len(layers) == 2 and layers[0] is b.model.members[0].layer1  # stride 4: 8x8 cells at 32 px
+    assert target_layers(b.model, 64, max_stride=8)[0] is b.model.members[0].layer2
+    assert target_layers(b.model, 16, max_stride=8)[1] is b.model.members[1].layer1  # stride 8: only 2x2 cells
     images = torch.randint(0, 256, (3, 1, 32, 32), dtype=torch.uint8)
     heat = gradcam(b.model, images, [0, 2, 3])
     assert heat.shape == (3, 32, 32) and heat.min() >= 0 and heat.max() <= 1 + 1e-6
+
+
+@pytest.mark.parametrize("stride", [4, 8, 16])
+def test_heat_map_cells_sit_where_they_look(stride: int) -> None:
+    """Where the (corrected) heat map puts a cell is where that cell's evidence comes from: the centroid of
+    d(cell)/d(input) of a ResNet-18. Uncorrected, grad-cam's upsampling puts it (stride - 1) / 2 px off."""
+    torch.manual_seed(0)
+    model, res = build_model("resnet18").eval(), 64
+    (layer,) = target_layers(model, res, max_stride=stride, min_cells=1)
+    seen: dict[str, torch.Tensor] = {}
+    hook = layer.register_forward_hook(lambda _m, _i, out: seen.__setitem__("f", out))
+    x = torch.randn(1, 1, res, res, requires_grad=True)
+    model(x)
+    hook.remove()
+    cells = seen["f"].shape[-1]
+    assert res // cells == stride
+    i = cells // 2
+    seen["f"][0, :, i, i].sum().backward()
+    g = x.grad[0, 0].abs()  # type: ignore[index]
+    coords = torch.arange(res, dtype=torch.float32)
+    centroid = float((g.sum(1) * coords).sum() / g.sum()), float((g.sum(0) * coords).sum() / g.sum())
+    upsampled = (i + 0.5) * stride - 0.5  # where grad-cam's resize puts cell i's centre
+    for c in centroid:
+        assert abs(upsampled - cell_offset(res, cells) - c) < 1.0
+        assert abs(upsampled - c) > (stride - 1) / 2 - 1.0  # the offset is real, not a no-op
