@@ -40,6 +40,16 @@ def fail_orphans(study: optuna.Study, known_ids: set[int]) -> list[int]:
     return orphans
 
 
+class ShuffledGridSampler(optuna.samplers.GridSampler):
+    """Optuna's GridSampler (every grid point once, in seeded random order) without its study.stop() when the
+    grid is done: Tune drives the trials (num_samples), not study.optimize, and outside optimize stop() raises
+    "`Study.stop` is supposed to be invoked inside an objective function", which Tune printed as a warning
+    after the last trial. The trial's state is stored either way (Optuna stores it after after_trial)."""
+
+    def after_trial(self, study: Any, trial: Any, state: Any, values: Any) -> None:
+        return None
+
+
 class HonestOptunaSearch(OptunaSearch):
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
         # The trainable takes every search type's parameters in one shape: {"overrides": {dotted key: value}}

@@ -47,7 +47,7 @@ from pqfn.selection import select
 from pqfn.splits import HoldOut, build_pool, split_test
 from pqfn.wandb_log import check_mode, summary_run
 from tune_jobs.progress import ProgressLines
-from tune_jobs.searcher import HonestOptunaSearch, fail_orphans
+from tune_jobs.searcher import HonestOptunaSearch, ShuffledGridSampler, fail_orphans
 from tune_jobs.space import grid_points, optuna_space
 from tune_jobs.trainable import PARAMS, make_trainable, params_of
 
@@ -316,7 +316,7 @@ def build_tuner(cfg: Config, sdir: Path, state: dict[str, Any], trainable: Any) 
             sampler: Any = optuna.samplers.NSGAIISampler(seed=s.seed)
         elif s.sampler == "shuffled-grid":
             grid = {k: list(v.choice or []) for k, v in s.space.items()}
-            sampler = optuna.samplers.GridSampler(grid, seed=s.seed)  # random order, no repeats
+            sampler = ShuffledGridSampler(grid, seed=s.seed)  # random order, no repeats
         elif s.sampler == "random":
             sampler = optuna.samplers.RandomSampler(seed=s.seed)
         else:

@@ -7,7 +7,7 @@ from pathlib import Path
 import optuna
 import optuna.distributions as od
 
-from tune_jobs.searcher import HonestOptunaSearch
+from tune_jobs.searcher import HonestOptunaSearch, ShuffledGridSampler
 
 T = optuna.trial.TrialState
 
@@ -45,3 +45,22 @@ def test_restore_fails_only_orphans(tmp_path: Path) -> None:
     restored.on_trial_complete("known", {"objective": 0.3, "epoch": 2, "epochs": 2})
     study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'o.db'}")
     assert [t.state for t in study.trials] == [T.COMPLETE, T.FAIL]
+
+
+def test_shuffled_grid_ends_without_stop() -> None:
+    """Tune tells the study outside study.optimize: Optuna's GridSampler then raises from study.stop() after the
+    last grid point (Tune printed it as a warning); ShuffledGridSampler visits every point once and ends quietly."""
+    grid = {"trial.resolution": [64, 80]}
+    for sampler, raises in ((optuna.samplers.GridSampler(grid, seed=0), True), (ShuffledGridSampler(grid, seed=0), False)):
+        study = optuna.create_study(sampler=sampler)
+        seen, errors = [], []
+        for _ in range(2):
+            t = study.ask()
+            seen.append(t.suggest_categorical("trial.resolution", [64, 80]))
+            try:
+                study.tell(t, 0.5)
+            except RuntimeError as e:
+                errors.append(str(e))
+        assert sorted(seen) == [64, 80]
+        assert [x.state for x in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
+        assert bool(errors) is raises and all("Study.stop" in e for e in errors)
