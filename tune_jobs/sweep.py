@@ -54,6 +54,7 @@ from tune_jobs.trainable import PARAMS, make_trainable, params_of
 STATE = "sweep.json"
 STUDY_DB = "optuna.db"  # the Optuna study; STUDY_JOURNAL with resources.shared_storage (study_storage)
 STUDY_JOURNAL = "optuna.journal"
+EXPERIMENT_STATE = "experiment_state-*.json"  # Tune's snapshot of a running experiment, in <sweep>/tune
 
 
 def _comparable(cfg_dump: dict[str, Any]) -> dict[str, Any]:
@@ -247,10 +248,14 @@ def search(cfg: Config, sdir: Path, state: dict[str, Any], resuming: bool, data:
     """Run (or resume) the Tune experiment; returns Tune's ResultGrid."""
     check_storage(cfg)
     quiet_ray_noise()
+    tune_path = str(sdir / "tune")
+    # Decided before the Tuner is built: building one writes tuner.pkl, which is all can_restore looks for.
+    # A restore needs Tune's experiment state too; without it (a sweep that failed or was killed before
+    # Tune's first snapshot, e.g. on a data error) Tune logged a traceback and ran a single trial.
+    restorable = resuming and tune.Tuner.can_restore(tune_path) and any(Path(tune_path).glob(EXPERIMENT_STATE))
     trainable = make_trainable(cfg, data, holdout.pool)
     tuner, param_space = build_tuner(cfg, sdir, state, trainable)
-    tune_path = str(sdir / "tune")
-    if resuming and tune.Tuner.can_restore(tune_path):
+    if restorable:
         log(f"resuming the interrupted sweep in {sdir}")
         tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True,
                                    resume_errored=False, param_space=param_space or None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import optuna
@@ -13,6 +14,7 @@ import pytest
 from pqfn.config import DataConfig, load_config
 from pqfn.data import Dataset
 from pqfn.errors import PqfnError
+from pqfn.records import COMPLETED
 from pqfn.report import read_trials_csv
 from pqfn.selection import select
 from tests.tune_jobs.conftest import sweep_yaml
@@ -62,6 +64,31 @@ def test_optuna_sweep_end_to_end(tmp_path: Path, tiny_data_cfg: DataConfig, tiny
     with pytest.raises(PqfnError, match="different config"):
         run_sweep(load_config(sweep_yaml(tmp_path, tiny_data_cfg, "opt", "search: {num_samples: 5}\n")), log=lambda *a: None)
     assert (run / "trials.csv").read_text() == before
+
+
+def test_same_config_rerun_after_a_data_error_runs_every_trial(tmp_path: Path, tiny_data_cfg: DataConfig,
+                                                                ray_local: None, capfd: pytest.CaptureFixture[str]) -> None:
+    """The folder of a sweep that failed before Tune started (here: its data folder holds another synthetic
+    set) is resumed by the same command once the data is fixed, and every trial runs. Before: Tune found
+    the tuner.pkl it had just written, tried to restore, logged a traceback and ran one trial of three."""
+    data = tmp_path / "other"
+    data.mkdir()
+    (data / "synth.json").write_text('{"seed": 99}')
+    (data / "manifest.csv").write_text("path,label\n")
+    cfg = load_config(sweep_yaml(tmp_path, tiny_data_cfg, "rerun", (
+        "search:\n  num_samples: 3\n  max_concurrent: 2\n  n_startup_trials: 3\n"
+        "  space: {trial.optimizer.lr: {loguniform: [0.0005, 0.005]}}\n"
+        "evaluate: {enabled: false}\nwandb: {mode: disabled}\n")), [f"data.path={data}", "data.cache_dir=null",
+                                                                     "trial.epochs=1"])
+    with pytest.raises(PqfnError, match="synth.json differs"):
+        run_sweep(cfg, log=lambda *a: None)
+    shutil.rmtree(data)  # the fix: the synthetic set is generated anew
+    logs: list[str] = []
+    s = run_sweep(cfg, log=lambda *a: logs.append(" ".join(map(str, a))))
+    assert not any("resuming" in x for x in logs), logs  # nothing to restore: a fresh start
+    assert s.selection.counts[COMPLETED] == 3
+    assert len(_trials(tmp_path / "runs/rerun")) == 3
+    assert "Failed to restore" not in "".join(capfd.readouterr())
 
 
 def test_failing_trial_does_not_stop_the_sweep(tmp_path: Path, tiny_data_cfg: DataConfig, ray_local: None) -> None:
