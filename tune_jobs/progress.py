@@ -1,14 +1,19 @@
-"""What the console shows while a sweep runs: one line per finished trial, and a progress line every
-`interval` seconds (running trials with their parameters, epoch and latest metrics; an estimate of
-the time left). Plain lines, so they read the same in a terminal, in CI and in `pqfn submit --follow`
-logs; Tune's own table is off (verbose=0)."""
+"""What the console shows while a sweep runs: one line per finished trial, and the progress of the running
+trials (parameters, epoch and latest metrics, an estimate of the time left).
+
+On a terminal the progress is one status line redrawn in place (tqdm), at least every second, with the
+finished-trial lines printed above it. Elsewhere (CI, `pqfn submit --follow` logs, a file) it is a plain
+line every `interval` seconds. Tune's own table is off (verbose=0).
+"""
 
 from __future__ import annotations
 
+import sys
 import time
-from typing import Any
+from typing import Any, TextIO
 
 from ray import tune
+from tqdm import tqdm
 
 from pqfn.records import is_complete
 from tune_jobs.trainable import params_of
@@ -19,17 +24,41 @@ def _params(trial: Any) -> str:
 
 
 class ProgressLines(tune.Callback):
-    def __init__(self, total: int, slots: int, interval: float = 10.0, out: Any = None) -> None:
-        # out: a print-like function for tests; None = print (not stored: Tune pickles its callbacks)
+    def __init__(self, total: int, slots: int, interval: float = 10.0, out: Any = None,
+                 terminal: TextIO | None = None) -> None:
+        # out: a print-like function for tests; None = print. terminal: the stream to redraw the status line on;
+        # None = stdout when it is a terminal. Neither is kept when Tune pickles its callbacks (__getstate__).
         self.total, self.slots, self.interval, self._out = total, max(1, slots), interval, out
+        if terminal is None and out is None and sys.stdout.isatty():
+            terminal = sys.stdout
+        self._terminal = terminal
+        self._bar: Any = None
         self.done = 0
         self.t0 = time.monotonic()
         self.last = self.t0
         self.started: dict[str, float] = {}
         self.durations: list[float] = []
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in ("_out", "_terminal", "_bar")} | {
+            "_out": None, "_terminal": None, "_bar": None}
+
     def out(self, line: str, flush: bool = True) -> None:
-        (self._out or print)(line, flush=flush)
+        if self._terminal is not None:
+            tqdm.write(line, file=self._terminal)  # above the status line, which is redrawn after it
+        else:
+            (self._out or print)(line, flush=flush)
+
+    def _redraw(self, line: str) -> None:
+        if self._bar is None:
+            self._bar = tqdm(total=self.total, file=self._terminal, bar_format="{desc}", leave=False,
+                             dynamic_ncols=True)
+        self._bar.set_description_str(line)
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
     # -------------------------------------------------------------- finished trials
     def _line(self, trial: Any, what: str) -> None:
@@ -54,9 +83,12 @@ class ProgressLines(tune.Callback):
     # -------------------------------------------------------------- periodic progress
     def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
         now = time.monotonic()
-        if now - self.last >= self.interval:
+        if now - self.last >= (min(self.interval, 1.0) if self._terminal is not None else self.interval):
             self.last = now
-            self.out(self.status(trials, now), flush=True)
+            if self._terminal is not None:
+                self._redraw(self.status(trials, now))
+            else:
+                self.out(self.status(trials, now), flush=True)
 
     def status(self, trials: list, now: float) -> str:
         running = [t for t in trials if t.status == "RUNNING"]

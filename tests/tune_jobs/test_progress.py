@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from types import SimpleNamespace
 from typing import Any
 
@@ -37,3 +38,29 @@ def test_no_line_before_the_interval() -> None:
     p = ProgressLines(total=1, slots=1, interval=3600.0, out=lambda s, flush=False: lines.append(s))
     p.on_step_begin(1, [])
     assert lines == []
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_on_a_terminal_the_status_line_is_redrawn_in_place() -> None:
+    term = _Terminal()
+    p = ProgressLines(total=2, slots=2, interval=10.0, terminal=term)
+    a = _trial("a", "RUNNING", {"epoch": 1, "epochs": 2, "val/bal_acc": 0.5, "gap/acc": 0.1})
+    p.on_trial_start(0, [], a)
+    p.last -= 1.0  # a second later: on a terminal the line is redrawn every second, whatever `interval` says
+    p.on_step_begin(1, [a])
+    p.last -= 1.0
+    p.on_step_begin(2, [a])
+    first = term.getvalue()
+    assert "[progress " in first and "a (resolution=64): epoch 1/2" in first
+    assert "\r" in first and "\n" not in first.strip("\n")  # one line, rewritten in place: no new lines
+    p.on_trial_complete(3, [], _trial("a", "TERMINATED", {"epoch": 2, "epochs": 2, "val/bal_acc": 0.6,
+                                                          "val/min_recall": 0.3, "gap/acc": 0.1}))
+    assert "[1/2] trial a (resolution=64): completed" in term.getvalue()  # printed above the status line
+    state = p.__getstate__()  # Tune pickles its callbacks: no stream or bar goes with them
+    assert state["_terminal"] is None and state["_bar"] is None
+    p.on_experiment_end([])
+    assert p._bar is None
