@@ -81,14 +81,17 @@ def gradcam(model: nn.Module, images: torch.Tensor | np.ndarray, target_classes:
     model = model.float().eval()
     out = np.zeros((len(x_all), x_all.shape[-2], x_all.shape[-1]), np.float32)
     layers = target_layers(model, x_all.shape[-1], max_stride)
-    shift = 0.0
+    cells: list[int] = []  # the stage's map size, as grad-cam saw it (every member's stage has the same stride)
     with GradCAM(model=model, target_layers=layers) as cam:
         for s in range(0, len(x_all), batch_size):
             x = Preprocessing.normalise(x_all[s : s + batch_size])
             targets: list[Any] = [ClassifierOutputTarget(c) for c in classes[s : s + batch_size]]
             out[s : s + len(x)] = cam(input_tensor=x, targets=targets)
-            if s == 0:  # the stage's map size, as grad-cam saw it (every member's stage has the same stride)
-                shift = cell_offset(x_all.shape[-1], cam.activations_and_grads.activations[0].shape[-1])
+            cells += [a.shape[-1] for a in cam.activations_and_grads.activations[:1]]
+    # Checked out here: grad-cam's __exit__ swallows an IndexError raised inside the block.
+    if len(x_all) and not cells:
+        raise RuntimeError("grad-cam recorded no activations of the target layer")
+    shift = cell_offset(x_all.shape[-1], cells[0]) if cells else 0.0
     if shift:
         out = np.stack([ndimage.shift(h, (-shift, -shift), order=1, mode="nearest") for h in out]).clip(0, 1)
     return out

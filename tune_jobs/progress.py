@@ -43,6 +43,15 @@ class ProgressLines(tune.Callback):
         return {k: v for k, v in self.__dict__.items() if k not in ("_out", "_terminal", "_bar")} | {
             "_out": None, "_terminal": None, "_bar": None}
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Back from tuner.pkl in a resumed sweep: another process, maybe another console; its clock starts
+        # now, and the finished trials (which fire no callback again) are counted at the first step.
+        self.__dict__.update(state)
+        self._terminal = sys.stdout if sys.stdout.isatty() else None
+        self.t0 = self.last = time.monotonic()
+        self.started = {}
+        self._recount = True
+
     def out(self, line: str, flush: bool = True) -> None:
         if self._terminal is not None:
             tqdm.write(line, file=self._terminal)  # above the status line, which is redrawn after it
@@ -83,6 +92,9 @@ class ProgressLines(tune.Callback):
     # -------------------------------------------------------------- periodic progress
     def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
         now = time.monotonic()
+        if getattr(self, "_recount", False):
+            self._recount = False
+            self.done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
         if now - self.last >= (min(self.interval, 1.0) if self._terminal is not None else self.interval):
             self.last = now
             if self._terminal is not None:
@@ -103,8 +115,9 @@ class ProgressLines(tune.Callback):
             else:
                 what = "starting / first epochs"
             parts.append(f"{t.trial_id} ({_params(t)}): {what}, {age:.0f} s")
+        # Counts and time left first: a terminal cuts the status line at its width.
         return (f"[progress {self._clock(now - self.t0)}] {self.done}/{self.total} done, {len(running)} running"
-                + (": " + "; ".join(parts) if parts else "") + self._eta(running, now))
+                + self._eta(running, now) + (": " + "; ".join(parts) if parts else ""))
 
     def _eta(self, running: list, now: float) -> str:
         """Time left, from the mean finished trial (or, before any finished, the running ones' epoch rate)."""
@@ -124,7 +137,7 @@ class ProgressLines(tune.Callback):
             per = sum(rates) / len(rates)
         spent = sum(now - self.started.get(t.trial_id, now) for t in running)
         est = max(0.0, (left * per - spent) / self.slots)
-        return f"; about {self._clock(est)} left"
+        return f", about {self._clock(est)} left"
 
     @staticmethod
     def _clock(s: float) -> str:

@@ -90,3 +90,24 @@ def test_heat_map_cells_sit_where_they_look(stride: int) -> None:
     for c in centroid:
         assert abs(upsampled - cell_offset(res, cells) - c) < 1.0
         assert abs(upsampled - c) > (stride - 1) / 2 - 1.0  # the offset is real, not a no-op
+
+
+def test_gradcam_maps_land_on_the_evidence_through_strided_stages(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three stride-2 "same" convolutions (stride 8, as a ResNet's stage 2): a bright patch centred on pixel
+    32 is seen by cell 4 (centred on 4 x 8 = 32). The corrected map peaks on the patch; grad-cam's own
+    upsampling would put cell 4 at 35.5, off the patch."""
+    convs = [nn.Conv2d(1, 1, 3, stride=2, padding=1, bias=False) for _ in range(3)]
+    head = nn.Linear(1, 4, bias=False)
+    with torch.no_grad():
+        for c in convs:
+            c.weight.fill_(1 / 9)
+        head.weight.copy_(torch.tensor([[1.0], [0.0], [0.0], [0.0]]))
+    model = nn.Sequential(*convs, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), head)
+    images = torch.full((1, 1, 64, 64), 128, dtype=torch.uint8)  # about 0 after the normalisation
+    images[:, :, 31:34, 31:34] = 255
+    heat = gradcam(model, images, [0])[0]
+    y, x = np.unravel_index(heat.argmax(), heat.shape)
+    assert 31 <= y <= 33 and 31 <= x <= 33
+    monkeypatch.setattr("pqfn.explain.cell_offset", lambda resolution, cells: 0.0)
+    y, x = np.unravel_index(gradcam(model, images, [0])[0].argmax(), heat.shape)
+    assert y >= 35 and x >= 35  # (stride - 1) / 2 = 3.5 px down and right

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import pickle
+import time
 from types import SimpleNamespace
 from typing import Any
 
@@ -28,6 +30,7 @@ def test_progress_line_every_interval_with_running_trials_and_time_left() -> Non
     assert line.startswith("[progress ") and "0/4 done, 2 running" in line
     assert "a (resolution=64): epoch 5/10, val/bal_acc 0.500" in line and "b (resolution=64): starting" in line
     assert "left" in line  # 4 trials x ~120 s on 2 slots, minus what is already spent
+    assert line.index("left") < line.index("a (resolution=64)")  # before the details a terminal may cut
     done = _trial("a", "TERMINATED", {"epoch": 10, "epochs": 10, "val/bal_acc": 0.6, "val/min_recall": 0.3, "gap/acc": 0.1})
     p.on_trial_complete(2, [], done)
     assert lines[-1].startswith("[1/4] trial a (resolution=64): completed; val/bal_acc 0.600")
@@ -64,3 +67,17 @@ def test_on_a_terminal_the_status_line_is_redrawn_in_place() -> None:
     assert state["_terminal"] is None and state["_bar"] is None
     p.on_experiment_end([])
     assert p._bar is None
+
+
+def test_back_from_a_pickle_the_clock_restarts_and_finished_trials_are_counted() -> None:
+    """A resumed sweep gets its callbacks back from tuner.pkl, in another process."""
+    p = ProgressLines(total=3, slots=1, interval=0.0, out=lambda s, flush=False: None)
+    p.t0 -= 3600
+    q = pickle.loads(pickle.dumps(p))
+    assert q._terminal is None and q._out is None  # stdout is not a terminal under pytest
+    assert time.monotonic() - q.t0 < 60
+    lines: list[str] = []
+    q._out = lambda s, flush=False: lines.append(s)
+    done = _trial("a", "TERMINATED", {"epoch": 2, "epochs": 2})
+    q.on_step_begin(1, [done, _trial("b", "RUNNING", None), _trial("c", "PENDING", None)])
+    assert lines[0].startswith("[progress 0:00] 1/3 done, 1 running")
