@@ -61,11 +61,14 @@ def _wandb_core_of(pid: int) -> list[int]:
 
 
 @pytest.fixture(autouse=True)
-def _own_parent_service(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """The W&B service this test starts in the pytest process is ended with it, and its address unset."""
-    monkeypatch.delenv(SERVICE_ENV, raising=False)
+def _own_parent_service() -> Iterator[None]:
+    """This test starts a W&B service of its own in the pytest process and ends it, leaving no address behind
+    (a restored address of a service that is gone would send later tests' W&B runs nowhere)."""
+    wandb.teardown()
+    os.environ.pop(SERVICE_ENV, None)
     yield
     wandb.teardown()
+    os.environ.pop(SERVICE_ENV, None)
 
 
 def _first_start(tmp_path: Path, mode: str) -> None:
