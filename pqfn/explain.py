@@ -87,7 +87,7 @@ def gradcam(model: nn.Module, images: torch.Tensor | np.ndarray, target_classes:
             x = Preprocessing.normalise(x_all[s : s + batch_size])
             targets: list[Any] = [ClassifierOutputTarget(c) for c in classes[s : s + batch_size]]
             out[s : s + len(x)] = cam(input_tensor=x, targets=targets)
-            cells += [a.shape[-1] for a in cam.activations_and_grads.activations[:1]]
+            cells = cells or [a.shape[-1] for a in cam.activations_and_grads.activations[:1]]
     # Checked out here: grad-cam's __exit__ swallows an IndexError raised inside the block.
     if len(x_all) and not cells:
         raise RuntimeError("grad-cam recorded no activations of the target layer")

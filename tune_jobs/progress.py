@@ -33,6 +33,7 @@ class ProgressLines(tune.Callback):
             terminal = sys.stdout
         self._terminal = terminal
         self._bar: Any = None
+        self._recount = False  # set when back from a pickle: count the finished trials at the next step
         self.done = 0
         self.t0 = time.monotonic()
         self.last = self.t0
@@ -40,8 +41,7 @@ class ProgressLines(tune.Callback):
         self.durations: list[float] = []
 
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k not in ("_out", "_terminal", "_bar")} | {
-            "_out": None, "_terminal": None, "_bar": None}
+        return self.__dict__ | {"_out": None, "_terminal": None, "_bar": None}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # Back from tuner.pkl in a resumed sweep: another process, maybe another console; its clock starts
@@ -92,7 +92,7 @@ class ProgressLines(tune.Callback):
     # -------------------------------------------------------------- periodic progress
     def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
         now = time.monotonic()
-        if getattr(self, "_recount", False):
+        if self._recount:
             self._recount = False
             self.done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
         if now - self.last >= (min(self.interval, 1.0) if self._terminal is not None else self.interval):
