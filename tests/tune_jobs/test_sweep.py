@@ -59,6 +59,10 @@ def test_optuna_sweep_end_to_end(tmp_path: Path, tiny_data_cfg: DataConfig, tiny
     assert (run / "trials" / s.selection.selected["trial_id"] / "models.safetensors").exists()
     for f in ("config.yaml", "pareto.png", "gap_by_axis.png", "final/confusion.png", "tune"):
         assert (run / f).exists(), f
+    # Every trial ended, so no Tune checkpoint is kept (each is ~3x a trial's models); the same command
+    # again still reopens the finished sweep and names the same trial.
+    assert not list((run / "tune").glob("*/checkpoint_*"))
+    assert run_sweep(cfg, log=lambda *a: None).selection.selected["trial_id"] == s.selection.selected["trial_id"]  # type: ignore[index]
     # The same name with another config is refused; nothing already written changes.
     before = (run / "trials.csv").read_text()
     with pytest.raises(PqfnError, match="different config"):
