@@ -7,7 +7,8 @@ measured better than one model retrained on the whole pool, and it costs nothing
 Why a prior correction: every model trains on a class-balanced pool (equal priors), but real scans
 come at their natural frequencies (most packages are pristine, D). Bayes' rule moves the balanced
 model's posterior to the natural one by adding log(prior) to its logits (logit adjustment); a
-strength between 0 (raw) and 1 (full correction) is chosen on out-of-fold predictions.
+strength between 0 (raw) and 1 (full correction) is chosen on out-of-fold predictions, the weakest
+one that is as good as the best within its noise (choose_strength).
 """
 
 from __future__ import annotations
@@ -102,13 +103,44 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(1, keepdims=True)
 
 
-def choose_strength(y: np.ndarray, logits: np.ndarray, priors: np.ndarray) -> tuple[float, dict[float, float]]:
-    """The strength that maximises macro-F1 on (balanced) out-of-fold predictions re-weighted to the natural
-    priors: each image weighs prior[class] / pool share[class], so the score is what the natural mix would
-    give. Ties go to the weaker correction. Returns (strength, {strength: weighted macro-F1})."""
+def _weighted_macro_f1(y: np.ndarray, pred: np.ndarray, w: np.ndarray) -> float:
+    return float(f1_score(y, pred, labels=list(range(len(CLASSES))), average="macro", sample_weight=w, zero_division=0))
+
+
+def choose_strength(y: np.ndarray, logits: np.ndarray, priors: np.ndarray, groups: np.ndarray | None = None,
+                    *, n_boot: int = 200, seed: int = 0) -> tuple[float, dict[str, object]]:
+    """The prior-correction strength for the natural class mix, chosen on (balanced) out-of-fold predictions.
+
+    Each image weighs prior[class] / pool share[class], so a score is what the natural mix would give.
+    The rule, the same parsimony as the configuration selection: the WEAKEST strength whose weighted
+    macro-F1 is within one standard error of the best strength's (the standard error from a bootstrap
+    over packages, `groups`; over images without them) and whose weighted accuracy beats answering the
+    majority class every time. Why the weakest: a stronger correction buys accuracy with the recall of
+    the rare classes (strength 0 is what balanced accuracy favours, 1 what accuracy favours), and the
+    out-of-fold scores of neighbouring strengths differ by less than their noise. When no strength beats
+    the majority class, the best-scoring one. Returns (strength, details for evaluation.json).
+    """
     share = np.bincount(y, minlength=len(CLASSES)) / len(y)
     w = priors[y] / np.maximum(share[y], 1e-12)
-    scores = {s: float(f1_score(y, adjust(logits, priors, s).argmax(1), labels=list(range(len(CLASSES))),
-                                average="macro", sample_weight=w, zero_division=0)) for s in STRENGTHS}
-    best = max(scores.values())
-    return min(s for s, v in scores.items() if v >= best - 1e-9), scores
+    preds = {s: adjust(logits, priors, s).argmax(1) for s in STRENGTHS}
+    f1 = {s: _weighted_macro_f1(y, p, w) for s, p in preds.items()}
+    acc = {s: float(np.average(p == y, weights=w)) for s, p in preds.items()}
+    best = min(s for s in STRENGTHS if f1[s] >= max(f1.values()) - 1e-9)
+    # Bootstrap over packages (all scans of a package together, as the folds were drawn).
+    groups = np.arange(len(y)) if groups is None else np.asarray(groups)
+    _, inv = np.unique(groups, return_inverse=True)
+    members = [np.flatnonzero(inv == g) for g in range(inv.max() + 1)]
+    rng = np.random.default_rng(seed)
+    boot = []
+    for _ in range(n_boot):
+        rows = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
+        boot.append(_weighted_macro_f1(y[rows], preds[best][rows], w[rows]))
+    se = float(np.std(boot))
+    majority = float(priors.max() / priors.sum())
+    ok = [s for s in STRENGTHS if f1[s] >= f1[best] - se and acc[s] > majority]
+    strength = min(ok) if ok else best
+    return strength, {
+        "best_strength": best, "se": round(se, 4), "majority_rate": round(majority, 4),
+        "oof_macro_f1_by_strength": {str(s): round(v, 4) for s, v in f1.items()},
+        "oof_accuracy_by_strength": {str(s): round(v, 4) for s, v in acc.items()},
+    }

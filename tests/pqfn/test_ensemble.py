@@ -33,20 +33,49 @@ def test_natural_priors_are_smoothed_frequencies() -> None:
     np.testing.assert_allclose(p, np.array([2, 1, 1, 4]) / 8)
 
 
-def test_strength_chosen_on_out_of_fold_predictions() -> None:
-    # Balanced out-of-fold set where the model confuses D with B half the time; natural priors are mostly D.
+def _confused(n_confused: int, margin: float) -> tuple[np.ndarray, np.ndarray]:
+    """Balanced out-of-fold set, 50 per class; `n_confused` D scans look `margin` more like B than D."""
     y = np.repeat(np.arange(4), 50)
     logits = np.full((200, 4), -3.0)
     logits[np.arange(200), y] = 0.0
-    d = np.flatnonzero(y == 3)[:25]
-    logits[d, 1] = 0.3  # these D scans look a little more like B
-    priors = np.array([0.15, 0.05, 0.05, 0.75])
-    s, scores = choose_strength(y, logits, priors)
-    assert s > 0 and scores[s] > scores[0.0]  # correcting toward D fixes the weighted F1
-    # When the model is already right everywhere, no correction is the smallest best strength.
-    clean = np.full((200, 4), -3.0)
-    clean[np.arange(200), y] = 0.0
-    assert choose_strength(y, clean, priors)[0] == 0.0
+    logits[np.flatnonzero(y == 3)[:n_confused], 1] = margin
+    return y, logits
+
+
+PRIORS = np.array([0.15, 0.05, 0.05, 0.75])  # natural mix: mostly D
+
+
+def test_strength_chosen_on_out_of_fold_predictions() -> None:
+    # Half of D looks a little like B: correcting toward D fixes the weighted F1 by far more than its noise.
+    y, logits = _confused(25, 0.3)
+    s, info = choose_strength(y, logits, PRIORS)
+    f1 = info["oof_macro_f1_by_strength"]
+    assert s > 0 and f1[str(s)] > f1["0.0"] + info["se"]  # type: ignore[index,operator]
+    # When the model is already right everywhere, no correction.
+    assert choose_strength(y, _confused(0, 0.0)[1], PRIORS)[0] == 0.0
+
+
+def test_the_weakest_strength_within_the_noise_is_chosen() -> None:
+    # One D scan of 200 (40 packages of 5) sits on the B/D border: a correction fixes it, a gain inside the
+    # noise of a model that also mixes up B and C (equal priors, so no correction changes those).
+    y, logits = _confused(1, 0.1)
+    for a, b in ((1, 2), (2, 1)):
+        logits[np.flatnonzero(y == a)[:12], b] = 1.0
+    s, info = choose_strength(y, logits, PRIORS, groups=np.arange(200) // 5)
+    f1 = info["oof_macro_f1_by_strength"]
+    assert info["best_strength"] > 0 and f1[str(info["best_strength"])] > f1["0.0"]  # type: ignore[index,operator]
+    assert f1["0.0"] >= f1[str(info["best_strength"])] - info["se"]  # type: ignore[index,operator]
+    assert s == 0.0
+
+
+def test_a_strength_that_loses_to_always_majority_is_never_chosen() -> None:
+    # Half of D called B; the 200 scans come from 4 packages only, so the noise is wide enough that
+    # strength 0 is "within one standard error", but its natural-mix accuracy (about 0.25 + 0.75 / 2)
+    # is below answering D every time (0.75): the weakest strength that beats it is chosen.
+    y, logits = _confused(25, 0.3)
+    s, info = choose_strength(y, logits, PRIORS, groups=np.arange(200) % 4)
+    assert info["oof_accuracy_by_strength"]["0.0"] < info["majority_rate"]  # type: ignore[index]
+    assert s > 0 and info["oof_accuracy_by_strength"][str(s)] > info["majority_rate"]  # type: ignore[index]
 
 
 def test_ensemble_averages_member_probabilities() -> None:
