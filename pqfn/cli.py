@@ -49,7 +49,7 @@ def prepare_out_dir(out: Path, *, resume: bool, overwrite: bool, what: str, can_
 def cmd_synth(a: argparse.Namespace) -> int:
     from pqfn.config import SynthConfig, validate
     from pqfn.io import check_output_paths
-    from pqfn.synth import class_counts, contact_sheet, generate
+    from pqfn.synth import SIMULATOR_VERSION, class_counts, contact_sheet, generate
 
     out = Path(a.out_dir)
     check_output_paths(folders={"out_dir": out})
@@ -65,7 +65,7 @@ def cmd_synth(a: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     records = generate(cfg, out, workers=a.workers)
     dt = time.perf_counter() - t0
-    (out / "synth.json").write_text(json.dumps(cfg.model_dump(mode="json")))
+    (out / "synth.json").write_text(json.dumps(cfg.model_dump(mode="json") | {"simulator": SIMULATOR_VERSION}))
     counts = class_counts(records)
     print(f"wrote {len(records)} scans of {sum(cfg.packages.values())} packages to {out} in {dt:.1f} s")
     print("class counts: " + ", ".join(f"{c}={n}" for c, n in counts.items()))
@@ -98,7 +98,7 @@ def cmd_trial(a: argparse.Namespace) -> int:
     from pqfn.config import dump_config, with_overrides
     from pqfn.io import load_checkpoint
     from pqfn.report import atomic_write, plot_curves, write_metrics_csv
-    from pqfn.splits import write_folds_csv
+    from pqfn.splits import describe_pool, write_folds_csv
     from pqfn.trial import CrossValidation
     from pqfn.wandb_log import check_mode, trial_run
 
@@ -125,8 +125,12 @@ def cmd_trial(a: argparse.Namespace) -> int:
         print(f"resuming {out} after epoch {cv.epoch}")
     atomic_write(out / "config.yaml", dump_config(cfg))
     write_folds_csv(out / "folds.csv", ds, holdout, cv.entries, cv.folds)
+    atomic_write(out / "pool.json", json.dumps(describe_pool(ds, cv.entries), indent=2))
     print(f"trial {cfg.name}: {tc.model}, {tc.folds} folds x {tc.epochs} epochs, data_size {tc.data_size}, "
           f"{tc.resolution} px, batch {tc.batch_size}, on {cv.device}")
+    print("pool: " + "; ".join(f"{c} {d['originals']} originals" + (f" from cycles {d['cycles_min']}-{d['cycles_max']}"
+                                                                     if "cycles_min" in d else "")
+                               for c, d in describe_pool(ds, cv.entries).items()))
     cols = ["train/acc", "val/acc", "gap/acc", "train/loss", "val/loss", "gap/loss", "val/bal_acc", "val/min_recall"]
     head = f"{'epoch':>5} " + " ".join(f"{c:>14}" for c in cols) + f" {'sec':>6}"
     # One W&B run per results folder however often it is resumed: its id is kept in the folder.
@@ -212,6 +216,10 @@ def print_evaluation(m: dict[str, Any]) -> None:
     print(f"{'class':>6} {'precision':>10} {'recall':>8} {'f1':>6} {'n':>5}")
     for c, v in m["per_class"].items():
         print(f"{c:>6} {v['precision']:>10.3f} {v['recall']:>8.3f} {v['f1']:>6.3f} {v['support']:>5}")
+    from pqfn.report import baseline_lines
+
+    for line in baseline_lines(m):
+        print(line.strip())
     print(m["verdict"])
 
 

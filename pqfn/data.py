@@ -279,7 +279,9 @@ def ensure_synthetic(cfg: DataConfig, log: bool = True) -> Path:
     check_output_paths(folders={"data.path": cfg.path})  # the set is generated into it
     manifest = cfg.path / "manifest.csv"
     stamp = cfg.path / "synth.json"
-    want = cfg.synthetic.model_dump(mode="json")
+    from pqfn.synth import SIMULATOR_VERSION
+
+    want = cfg.synthetic.model_dump(mode="json") | {"simulator": SIMULATOR_VERSION}
     if manifest.exists():
         try:
             have = json.loads(stamp.read_text())
@@ -287,6 +289,12 @@ def ensure_synthetic(cfg: DataConfig, log: bool = True) -> Path:
             have = None
         if have == want:
             return manifest
+        if isinstance(have, dict) and have.get("simulator") != SIMULATOR_VERSION and \
+                {k: v for k, v in have.items() if k != "simulator"} == cfg.synthetic.model_dump(mode="json"):
+            raise DataError(
+                f"{cfg.path}: holds a data set made by an earlier version of the simulator (synth.json has no "
+                f"simulator {SIMULATOR_VERSION}); delete the folder (it is made again in seconds) or choose another data.path"
+            )
         raise DataError(
             f"{cfg.path}: holds a data set made with other settings than data.synthetic "
             f"({stamp.name} differs); choose another data.path or delete the folder"

@@ -2,7 +2,11 @@
 
 Test images are never augmented and keep their natural class balance. The balanced-pool model's
 outputs are corrected for the natural class priors (pqfn.ensemble); both the raw and the corrected
-figures are reported, beside the trivial baselines (always the majority class; chance). Metrics
+figures are reported, beside the trivial baselines (always the majority class; chance) and the cheap
+ones (pqfn.baselines: intensity statistics, metadata), fitted on the same pool and corrected by the
+same rule. Every figure has a package-bootstrap interval (pqfn.bootstrap), and the CNN minus the best
+cheap baseline (the best in cross-validation, chosen before the held-out packages are looked at) has a
+paired one: the verdict says in words whether the CNN beats it, is tied with it, or loses. Metrics
 come from scikit-learn: confusion matrix, per-class precision / recall / F1 and their macro means
 (the reference study's Fig. 7), plus predicted delamination by metallization and thermal cycles
 (its Fig. 8) when that metadata exists.
@@ -27,6 +31,8 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
 )
 
+from pqfn import bootstrap
+from pqfn.baselines import make_baselines, out_of_fold
 from pqfn.bundle import data_fingerprint, write_bundle
 from pqfn.calibration import brier_score, expected_calibration_error, plot_reliability
 from pqfn.config import CLASSES, Config, EvaluateConfig, TrialConfig, with_overrides
@@ -41,10 +47,10 @@ from pqfn.ensemble import (
     softmax,
 )
 from pqfn.errors import DataError
-from pqfn.explain import holdout_localisation
+from pqfn.explain import localisation_report
 from pqfn.records import Selection
 from pqfn.report import atomic_write, write_evaluation
-from pqfn.splits import HoldOut
+from pqfn.splits import HoldOut, build_pool, make_folds
 from pqfn.trial import TrialImages, pick_device, predict_logits
 
 
@@ -145,6 +151,91 @@ def verdict(m: dict[str, Any]) -> str:
             f"balanced accuracy {m['balanced_accuracy']:.3f} vs chance {b['chance_balanced_accuracy']:.2f}")
 
 
+BASELINE_NAMES = {"intensity": "intensity statistics", "metadata": "metadata (metallization, cycles)"}
+_INTERVAL_NAMES = {"acc": "accuracy", "bal_acc": "balanced_accuracy", "f1": "macro_f1"}
+
+
+def named_intervals(iv: dict[str, bootstrap.Interval]) -> dict[str, Any]:
+    """bootstrap's keys (acc, bal_acc, f1, recall_<i>) -> evaluation.json's (accuracy, ..., recall_A)."""
+    out: dict[str, Any] = {}
+    for k, v in iv.items():
+        name = _INTERVAL_NAMES.get(k) or (f"recall_{CLASSES[int(k.split('_')[1])]}" if k.startswith("recall_") else k)
+        out[name] = v.to_dict()
+    return out
+
+
+def cheap_baselines(cfg: TrialConfig, ev: EvaluateConfig, ds: Dataset, holdout: HoldOut,
+                    priors: np.ndarray) -> dict[str, dict[str, Any]]:
+    """Each cheap baseline fitted on the trial's pool (the CNN's training images) and predicting the held-out
+    packages, prior-corrected by the CNN's rule on its own out-of-fold predictions (the trial's folds)."""
+    entries = build_pool(ds, holdout.pool, cfg.data_size, cfg.max_copies, cfg.seed)
+    folds = make_folds(ds, entries, cfg.folds, cfg.seed)
+    out: dict[str, dict[str, Any]] = {}
+    for b in make_baselines(ds, np.concatenate([entries, holdout.test])):
+        oof_idx, oof_lp = out_of_fold(b, ds.labels, folds)
+        if ev.prior_strength == "auto":
+            strength, _ = choose_strength(ds.labels[oof_idx], oof_lp, priors, ds.package_ids[oof_idx])
+        else:
+            strength = float(ev.prior_strength)
+        raw = b.log_probs(b.fit(entries, ds.labels), holdout.test)
+        out[b.name] = {
+            "pred": adjust(raw, priors, strength).argmax(1), "raw_pred": raw.argmax(1), "prior_strength": strength,
+            "cv_balanced_accuracy": float(balanced_accuracy_score(ds.labels[oof_idx], oof_lp.argmax(1))),
+        }
+    return out
+
+
+def compare_with_baselines(y: np.ndarray, pred: np.ndarray, groups: np.ndarray, cheap: dict[str, dict[str, Any]],
+                           majority: int) -> dict[str, Any]:
+    """Package-bootstrap intervals for the CNN, every baseline, and the paired CNN-minus-best-baseline difference.
+
+    The best cheap baseline is the one with the best cross-validated balanced accuracy on the pool (chosen
+    without the held-out packages). Verdict: 'beats' when the intervals of the differences in balanced
+    accuracy and macro-F1 both lie above 0, 'loses' when either lies below 0, 'tied' otherwise.
+    """
+    k = len(CLASSES)
+    res: dict[str, Any] = {"intervals": named_intervals(bootstrap.classification_intervals(y, pred, groups, k))}
+    trivial = np.full_like(y, majority)
+    res["majority_intervals"] = named_intervals(bootstrap.classification_intervals(y, trivial, groups, k))
+    res["cheap_baselines"] = {}
+    for name, c in cheap.items():
+        iv = bootstrap.classification_intervals(y, c["pred"], groups, k)
+        res["cheap_baselines"][name] = {
+            "description": BASELINE_NAMES.get(name, name), "accuracy": iv["acc"].value,
+            "balanced_accuracy": iv["bal_acc"].value, "macro_f1": iv["f1"].value,
+            "intervals": named_intervals(iv), "prior_strength": c["prior_strength"],
+            "cv_balanced_accuracy": c["cv_balanced_accuracy"],
+        }
+    if not cheap:
+        return res
+    best = max(cheap, key=lambda n: cheap[n]["cv_balanced_accuracy"])
+    diff = bootstrap.paired_difference(y, pred, cheap[best]["pred"], groups, k)
+    calls = {m: bootstrap.verdict(diff[m]) for m in ("bal_acc", "f1")}
+    outcome = "loses" if "loses" in calls.values() else "beats" if set(calls.values()) == {"beats"} else "tied"
+    res["versus_baseline"] = {
+        "baseline": best, "description": BASELINE_NAMES.get(best, best),
+        "chosen_by": "the best cross-validated balanced accuracy on the pool (the trial's folds)",
+        "difference": named_intervals(diff), "outcome": outcome,
+        "level": bootstrap.LEVEL, "resamples": bootstrap.N_BOOT,
+    }
+    return res
+
+
+def cheap_verdict(v: dict[str, Any]) -> str:
+    """One sentence on the CNN against the best cheap baseline, with the paired intervals."""
+    d = v["difference"]
+    figs = (f"balanced accuracy {d['balanced_accuracy']['value']:+.3f} [{d['balanced_accuracy']['lo']:+.3f}, "
+            f"{d['balanced_accuracy']['hi']:+.3f}], macro-F1 {d['macro_f1']['value']:+.3f} [{d['macro_f1']['lo']:+.3f}, "
+            f"{d['macro_f1']['hi']:+.3f}] (CNN minus {v['description']}, {v['level']:.0%} package bootstrap)")
+    if v["outcome"] == "beats":
+        return f"beats the best cheap baseline: {figs}"
+    if v["outcome"] == "loses":
+        return (f"LOSES to the best cheap baseline: {figs}; do not use this CNN where the cheap model serves "
+                "(README, \"Is the CNN worth it?\")")
+    return (f"TIED with the best cheap baseline: {figs}; the CNN is not shown to be worth its cost "
+            "(README, \"Is the CNN worth it?\")")
+
+
 def evaluate_holdout(
     cfg: TrialConfig, ev: EvaluateConfig, model: FoldEnsemble, oof: tuple[np.ndarray, np.ndarray],
     ds: Dataset, holdout: HoldOut, out_dir: Path, *, decode_size: int, log: Callable[[str], None] = print,
@@ -173,6 +264,9 @@ def evaluate_holdout(
     metrics["raw"] = {k: raw_m[k] for k in ("accuracy", "balanced_accuracy", "macro_precision", "macro_recall",
                                              "macro_f1", "confusion_matrix")}
     metrics["baselines"] = baselines(priors, y)
+    cheap = cheap_baselines(cfg, ev, ds, holdout, priors)
+    metrics |= compare_with_baselines(y, pred.logits.argmax(1), ds.package_ids[holdout.test], cheap,
+                                      int(np.argmax(priors)))
     metrics["prior_correction"] = {
         "priors": dict(zip(CLASSES, priors.round(4).tolist(), strict=True)), "strength": strength,
         "chosen_by": ("auto: the weakest strength within one standard error of the best out-of-fold prior-weighted "
@@ -185,8 +279,14 @@ def evaluate_holdout(
         "brier": brier_score(pred.probs, y), "brier_raw": brier_score(pred.raw_probs, y), "bins": 10,
     }
     plot_reliability(out_dir / "reliability.png", {"prior-corrected": pred.probs, "raw": pred.raw_probs}, y)
-    metrics["localisation"] = localisation(model, ds, holdout.test, cfg.resolution, log)
+    loc = localisation(model, ds, holdout.test, build_pool(ds, holdout.pool, cfg.data_size, cfg.max_copies, cfg.seed),
+                       cfg.resolution, log)
+    metrics["localisation"] = loc[0] if loc else None
+    if loc:
+        metrics["localisation_baselines"] = loc[1]
     metrics["verdict"] = verdict(metrics)
+    if "versus_baseline" in metrics:
+        metrics["verdict"] = cheap_verdict(metrics["versus_baseline"]) + "; " + metrics["verdict"]
     metrics["seconds"] = time.perf_counter() - t0
     write_evaluation(out_dir, metrics, ds, holdout.test, pred.probs, pred.raw_probs)
     write_bundle(out_dir / "bundle", cfg, model, priors=priors, prior_adjust=True, prior_strength=strength,
@@ -196,11 +296,12 @@ def evaluate_holdout(
     return metrics, pred
 
 
-def localisation(model: FoldEnsemble, ds: Dataset, rows: np.ndarray, resolution: int,
-                 log: Callable[[str], None]) -> dict[str, Any] | None:
-    """Grad-CAM peaks against the true delamination masks (synthetic data only; None without masks)."""
+def localisation(model: FoldEnsemble, ds: Dataset, rows: np.ndarray, train_rows: np.ndarray, resolution: int,
+                 log: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """Grad-CAM peaks against the true delamination masks, and the two localisation baselines beside them
+    (synthetic data only; None without masks)."""
     try:
-        return holdout_localisation(model, ds, rows, resolution)
+        return localisation_report(model, ds, rows, train_rows, resolution)
     except DataError as e:
         log(f"held-out: no localisation score ({e})")
         return None
@@ -208,7 +309,8 @@ def localisation(model: FoldEnsemble, ds: Dataset, rows: np.ndarray, resolution:
 
 def _bundle_metrics(m: dict[str, Any]) -> dict[str, Any]:
     keys = ("n_test_images", "n_test_packages", "accuracy", "balanced_accuracy", "macro_precision", "macro_recall",
-            "macro_f1", "per_class", "raw", "baselines", "calibration", "localisation", "verdict")
+            "macro_f1", "per_class", "raw", "baselines", "intervals", "cheap_baselines", "versus_baseline",
+            "calibration", "localisation", "localisation_baselines", "verdict")
     return {k: m[k] for k in keys if k in m}
 
 

@@ -24,9 +24,13 @@ PER_CLASS_METRICS = tuple(f"val/{m}_{c}" for m in ("recall", "precision") for c 
 FOLD_METRICS = ("train/acc", "train/loss", "val/acc", "val/loss", "val/bal_acc", "val/f1", "val/min_recall",
                 *PER_CLASS_METRICS, "gap/acc", "gap/loss")
 # What a trial's row in trials.csv shows (mean of folds; `_std` columns beside the selection's inputs).
+# The cheap baselines (pqfn.baselines) fitted on the same folds: their mean figures, and the CNN minus the best
+# of them fold by fold (vs_baseline/...: positive = the CNN is better on the same validation images).
+BASELINE_COLUMNS = tuple(f"baseline/{b}/val/{m}" for b in ("intensity", "metadata") for m in ("bal_acc", "f1")) + (
+    "vs_baseline/val/bal_acc", "vs_baseline/val/bal_acc_std", "vs_baseline/val/f1", "vs_baseline/val/f1_std")
 TRIAL_METRICS = ("train/acc", "val/acc", "gap/acc", "train/loss", "val/loss", "gap/loss", "val/bal_acc", "val/f1",
                  "val/min_recall", *PER_CLASS_METRICS, "val/acc_std", "val/bal_acc_std", "val/f1_std",
-                 "gap/acc_std", "gap/loss_std", "n_folds", "objective")
+                 "gap/acc_std", "gap/loss_std", "n_folds", "objective", *BASELINE_COLUMNS)
 
 
 def class_metrics(y: np.ndarray, pred: np.ndarray, prefix: str = "val") -> dict[str, float]:
@@ -66,6 +70,31 @@ def aggregate(per_fold: list[dict[str, float]]) -> dict[str, float]:
         rec[f"{name}_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
     rec["n_folds"] = float(len(per_fold))  # standard error of a mean = its _std / sqrt(n_folds)
     return rec
+
+
+def aggregate_keys(per_fold: list[dict[str, float]]) -> dict[str, float]:
+    """Like aggregate, for whatever keys the folds share (the cheap baselines' figures): fold{k}/key, mean, _std."""
+    rec: dict[str, float] = {}
+    keys = [k for k in per_fold[0] if all(k in m for m in per_fold)] if per_fold else []
+    for k, m in enumerate(per_fold, start=1):
+        rec |= {fold_key(k, name): float(m[name]) for name in keys}
+    for name in keys:
+        vals = np.array([m[name] for m in per_fold], dtype=np.float64)
+        rec[name] = float(vals.mean())
+        rec[f"{name}_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
+    return rec
+
+
+def versus_baseline(per_fold: list[dict[str, float]], baseline_folds: list[dict[str, float]]) -> dict[str, float]:
+    """The CNN minus the best cheap baseline (best mean val/bal_acc across folds), fold by fold (paired: same
+    folds, same validation images): `vs_baseline/val/bal_acc` and `vs_baseline/val/f1`, per fold, mean and _std."""
+    names = sorted({k.split("/")[1] for k in baseline_folds[0]}) if baseline_folds and baseline_folds[0] else []
+    if not names:
+        return {}
+    best = max(names, key=lambda n: np.mean([b[f"baseline/{n}/val/bal_acc"] for b in baseline_folds]))
+    diffs = [{f"vs_baseline/{m}": cnn[m] - b[f"baseline/{best}/{m}"] for m in ("val/bal_acc", "val/f1")}
+             for cnn, b in zip(per_fold, baseline_folds, strict=True)]
+    return aggregate_keys(diffs)
 
 
 MEMORY_METRICS = ("mem/rss_mb", "mem/private_mb", "mem/shared_mb", "mem/object_store_mb")  # process_memory_mb's keys

@@ -308,6 +308,41 @@ def plot_gap_by_axis(path: Path, rows: list[TrialOutcome], gap_metric: str) -> N
     save_fig(fig, path)
 
 
+def _iv(d: dict[str, float], signed: bool = False) -> str:
+    f = "{:+.3f}" if signed else "{:.3f}"
+    return f"{f.format(d['value'])} [{f.format(d['lo'])}, {f.format(d['hi'])}]"
+
+
+def baseline_lines(ev: dict[str, Any]) -> list[str]:
+    """The held-out comparison with the cheap baselines, each figure with its package-bootstrap interval."""
+    lines = []
+    iv = ev.get("intervals")
+    if iv:
+        lines.append(f"  with {ev.get('versus_baseline', {}).get('level', 0.95):.0%} package-bootstrap intervals: CNN "
+                     f"balanced accuracy {_iv(iv['balanced_accuracy'])}, macro-F1 {_iv(iv['macro_f1'])}, "
+                     f"accuracy {_iv(iv['accuracy'])}")
+    for c in ev.get("cheap_baselines", {}).values():
+        ci = c["intervals"]
+        lines.append(f"  cheap baseline {c['description']}: balanced accuracy {_iv(ci['balanced_accuracy'])}, "
+                     f"macro-F1 {_iv(ci['macro_f1'])}, accuracy {_iv(ci['accuracy'])} "
+                     f"(cross-validated balanced accuracy {c['cv_balanced_accuracy']:.3f})")
+    vb = ev.get("versus_baseline")
+    if vb:
+        d = vb["difference"]
+        lines.append(f"  CNN minus {vb['description']} (paired by package): balanced accuracy "
+                     f"{_iv(d['balanced_accuracy'], True)}, macro-F1 {_iv(d['macro_f1'], True)}, "
+                     f"accuracy {_iv(d['accuracy'], True)}: {vb['outcome']}")
+    lb = ev.get("localisation_baselines")
+    if lb:
+        parts = [f"{label} {_iv(lb[k]['all'])}" for k, label in
+                 (("gradcam", "Grad-CAM"), ("brightest_pixel", "brightest pixel"), ("fixed_location", "fixed location"))]
+        calls = "; ".join(f"Grad-CAM {v['all']['outcome']} {k.replace('_', ' ')} ({_iv(v['all'], True)})"
+                          for k, v in lb["gradcam_minus"].items())
+        lines.append(f"  localisation (peak on the true delamination, {lb['gradcam']['all']['n']} delaminated scans): "
+                     + ", ".join(parts) + f"; {calls}")
+    return lines
+
+
 def print_summary(s: SweepResult, log: Callable[[str], None] = print) -> None:
     """The sweep's closing lines: trials, the selection and why, the held-out figures beside the baselines, time."""
     sel = s.selection
@@ -342,6 +377,8 @@ def print_summary(s: SweepResult, log: Callable[[str], None] = print) -> None:
         log(f"  macro precision {ev['macro_precision']:.3f}, macro recall {ev['macro_recall']:.3f}; without the prior "
             f"correction: accuracy {ev['raw']['accuracy']:.3f}, balanced accuracy {ev['raw']['balanced_accuracy']:.3f}, "
             f"macro-F1 {ev['raw']['macro_f1']:.3f}")
+        for line in baseline_lines(ev):
+            log(line)
         log(f"  {ev['verdict']}")
     if t:
         ph = t["phases_s"]

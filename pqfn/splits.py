@@ -53,25 +53,43 @@ def split_test(ds: Dataset, test_fraction: float, seed: int) -> HoldOut:
     return HoldOut(np.sort(pool), np.sort(test))
 
 
+def cycle_cutoff(ds: Dataset, candidates: np.ndarray, per_class: int) -> int | None:
+    """The study's data size: every scan up to a thermal-cycling step. The smallest step at which every class
+    has as many originals as it needs (per_class), or all it will ever have; None when cycles are unknown."""
+    cyc = ds.cycles[candidates]
+    if (cyc < 0).any() or len(cyc) == 0:
+        return None
+    labels = ds.labels[candidates]
+    for t in np.unique(cyc):
+        if all(((labels == c) & (cyc <= t)).sum() >= min(per_class, (labels == c).sum()) for c in range(len(CLASSES))):
+            return int(t)
+    return int(cyc.max())
+
+
 def build_pool(ds: Dataset, candidates: np.ndarray, data_size: int, max_copies: int, seed: int) -> np.ndarray:
     """The balanced cross-validation pool: data_size / 4 entries per class.
 
-    Originals are taken earliest thermal cycle first (random order within a cycle, or throughout
-    when cycles are unknown). A class with fewer originals is filled with augmented copies,
-    spread evenly over its originals, at most `max_copies` per original. Returns indices into ds;
-    a repeated index is an augmented copy (it is augmented afresh whenever it is drawn).
+    As in the study, the pool holds the scans up to a thermal-cycling step (cycle_cutoff: the first step at
+    which every class has enough originals, or all it has), then balanced: each class's originals are drawn at
+    random from ALL its scans up to that step, so every class spans the same cycles (earliest-first would make
+    every pristine scan a cycle-0 scan, and "looks like cycle 0" a shortcut for D). Without cycles, at random.
+    A class with fewer originals is filled with augmented copies, spread evenly over its originals, at most
+    `max_copies` per original. Returns indices into ds; a repeated index is an augmented copy (augmented
+    afresh whenever it is drawn).
     """
     per_class = data_size // len(CLASSES)
     rng = np.random.default_rng(seed)
+    cutoff = cycle_cutoff(ds, candidates, per_class)
+    if cutoff is not None:
+        candidates = candidates[ds.cycles[candidates] <= cutoff]
     entries = []
     for c, name in enumerate(CLASSES):
         idx = candidates[ds.labels[candidates] == c]
         if len(idx) == 0:
             raise DataError(f"class {name} has no images in the search pool; every class needs some")
-        order = np.lexsort((rng.random(len(idx)), ds.cycles[idx]))
-        idx = idx[order]
+        idx = idx[rng.permutation(len(idx))]
         if len(idx) >= per_class:
-            entries.append(idx[:per_class])
+            entries.append(np.sort(idx[:per_class]))
             continue
         most = len(idx) * (1 + max_copies)
         if per_class > most:
@@ -84,6 +102,20 @@ def build_pool(ds: Dataset, candidates: np.ndarray, data_size: int, max_copies: 
         reps[: per_class % len(idx)] += 1
         entries.append(np.repeat(idx, reps))
     return np.concatenate(entries)
+
+
+def describe_pool(ds: Dataset, entries: np.ndarray) -> dict[str, dict[str, float]]:
+    """Per class: originals, entries (with copies), and the thermal cycles its originals came from."""
+    out = {}
+    for c, name in enumerate(CLASSES):
+        e = entries[ds.labels[entries] == c]
+        orig = np.unique(e)
+        cyc = ds.cycles[orig]
+        known = cyc[cyc >= 0]
+        out[name] = {"originals": int(len(orig)), "entries": int(len(e))} | (
+            {"cycles_min": int(known.min()), "cycles_max": int(known.max()), "cycles_mean": round(float(known.mean()), 1)}
+            if len(known) else {})
+    return out
 
 
 def make_folds(ds: Dataset, entries: np.ndarray, k: int, seed: int) -> list[Fold]:

@@ -7,10 +7,15 @@ of a scan (A/B/C/D) follows from what was drawn into it:
 - die-pad delamination is frequent on NiPdAu, less frequent and later on Ag, absent on bare Cu;
 - bond-pad (lead) delamination is small and rarer, so class B (bond-pad only) is the rarest.
 
-Imaging: mold compound with filler speckle, brighter metal pads under the mold, bright
-(high-amplitude) delaminated patches, transducer blur, gain and contrast variation, small
-misalignment and rotation, scan-line noise. Geometry is defined at 400 px (~20 um per pixel,
-an ~8 mm package) and scaled to `image_size`.
+Imaging (simulator version 2; README, "Synthetic CSAM data", has the table): amplitudes follow the
+reflection coefficient at the gated interface, R = (Z2 - Z1) / (Z2 + Z1), from acoustic impedances:
+a bonded lead frame under mold reflects |R| = 0.73 of what an air gap (delamination, |R| = 1.0)
+reflects, so delamination is only about 1.4x brighter than the pad it lifts from. Pristine packages
+carry bright features that are not delamination: mold voids (air, |R| = 1.0, fixed per package), tie
+bars (metal), and ringing along the package edge. Gain and contrast drift between scan sessions (one
+session per thermal-cycling step, shared by every package scanned in it) and between scans. Also mold
+filler speckle, transducer blur, small misalignment and rotation, scan-line noise. Geometry is defined
+at 400 px (~20 um per pixel, an ~8 mm package) and scaled to `image_size`.
 
 Every scan also gets its ground-truth mask, `masks/<metal>/<package>_c<cycles>.png` (the manifest's
 `mask` column): uint8, MASK_NONE where nothing is delaminated, MASK_DIE_PAD on delaminated die-pad
@@ -39,8 +44,20 @@ DIE_ONSET = {"NiPdAu": (100.0, 600.0), "Ag": (300.0, 900.0), "Cu": (0.0, 0.0)}
 # Bond-pad (lead) delamination: rarer, later.
 BOND_PROB = {"NiPdAu": 0.5, "Ag": 0.45, "Cu": 0.3}
 BOND_ONSET = {"NiPdAu": (200.0, 900.0), "Ag": (300.0, 1000.0), "Cu": (500.0, 1000.0)}
-# Mean pad amplitude under the mold per finish (Ag reflects a little more than NiPdAu, Cu less).
-PAD_LEVEL = {"Ag": 0.50, "NiPdAu": 0.46, "Cu": 0.42}
+# Acoustic impedances (MRayl = density x longitudinal sound speed) and the reflection coefficient at the
+# gated interface. The finishes (Ag spot plating 2-5 um, NiPdAu under 2 um) are far thinner than a
+# wavelength in the mold (about 30 um at 100 MHz), so every pad echoes like the Cu lead frame beneath.
+IMPEDANCE = {"mold": 6.5, "Cu": 41.8, "Ag": 38.0, "Au": 63.8, "Ni": 49.6, "air": 0.0004}
+
+
+def reflection(z1: float, z2: float) -> float:
+    return (z2 - z1) / (z2 + z1)
+
+
+R_PAD = abs(reflection(IMPEDANCE["mold"], IMPEDANCE["Cu"]))  # 0.73: a bonded pad
+R_AIR = abs(reflection(IMPEDANCE["mold"], IMPEDANCE["air"]))  # 1.00: a delamination or a void (phase-inverted)
+FULL_LEVEL = 0.92  # displayed amplitude of |R| = 1 at unit gain and difficulty 1
+SIMULATOR_VERSION = 2  # recorded in synth.json: a data folder made by another version is not reused
 MASK_NONE, MASK_DIE_PAD, MASK_BOND_PAD = 0, 1, 2  # values in the per-scan mask PNGs
 MIN_PIXELS = 6  # a delaminated region smaller than this (at 400 px) is not counted (or drawn)
 
@@ -79,6 +96,32 @@ def _leads(scale: float) -> list[tuple[float, float, float, float, float, float]
         out.append((c - w / 2, c + w / 2, lo, lo + ln, c, lo + ln))  # left
         out.append((c - w / 2, c + w / 2, hi - ln, hi, c, hi - ln))  # right
     return out
+
+
+def _tie_bars(yy: np.ndarray, xx: np.ndarray, c0: np.ndarray, half: float, s: float) -> np.ndarray:
+    """The four tie bars: metal strips (8 px wide at 400 px) from the die pad's corners to the body's corners."""
+    out = np.zeros(yy.shape, bool)
+    lo, hi = BODY[0] * s, BODY[1] * s
+    for dy, dx in ((-1, -1), (-1, 1), (1, -1), (1, 1)):
+        p = np.array([c0[0] + dy * half, c0[1] + dx * half])
+        q = np.array([lo if dy < 0 else hi, lo if dx < 0 else hi])
+        d = q - p
+        t = np.clip(((yy - p[0]) * d[0] + (xx - p[1]) * d[1]) / float(d @ d), 0, 1)
+        out |= np.hypot(yy - (p[0] + t * d[0]), xx - (p[1] + t * d[1])) < 4 * s
+    return out
+
+
+def _voids(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, allowed: np.ndarray, s: float) -> np.ndarray:
+    """Mold voids (air pockets left by molding, so present from cycle 0 on): 0-4 per package (Poisson, mean
+    1.5), 2-5 px radius at 400 px, in the mold away from the metal."""
+    out = np.zeros(yy.shape, bool)
+    where = np.flatnonzero(allowed)
+    for _ in range(min(int(rng.poisson(1.5)), 4)):
+        if len(where) == 0:
+            break
+        cy, cx = np.unravel_index(where[rng.integers(len(where))], yy.shape)
+        out |= np.hypot(yy - cy, xx - cx) < rng.uniform(2.0, 5.0) * s
+    return out & allowed
 
 
 def _simulate_package(args: tuple[SynthConfig, str, str, int, str]) -> list[ScanRecord]:
@@ -128,8 +171,17 @@ def _simulate_package(args: tuple[SynthConfig, str, str, int, str]) -> list[Scan
         bond_region |= inside
 
     mold_level = rng.uniform(0.22, 0.28)
-    pad_level = PAD_LEVEL[metal] + rng.uniform(-0.03, 0.03)
-    delam_level = 0.92 - 0.12 * (cfg.difficulty - 1)
+    delam_level = FULL_LEVEL * R_AIR - 0.12 * (cfg.difficulty - 1)
+    # Features that are not delamination, from their own generator: the delamination histories (labels,
+    # masks) stay those of the same seed in simulator version 1.
+    frng = np.random.default_rng([cfg.seed, pkg_index, 2])
+    pad_level = FULL_LEVEL * R_PAD * frng.uniform(0.96, 1.04)  # surface roughness, oxide: a few percent
+    tie_bars = _tie_bars(yy, xx, c0, half, s)
+    metal_px = die_pad | lead_mask | tie_bars
+    voids = _voids(frng, yy, xx, body & ~ndimage.binary_dilation(metal_px, iterations=max(1, round(3 * s))), s)
+    void_level = FULL_LEVEL * R_AIR * frng.uniform(0.7, 1.0)  # an air pocket near, not always at, the gate depth
+    edge = body & ~ndimage.binary_erosion(body, iterations=max(1, round(3 * s)))  # ringing at the package edge
+    edge_level = FULL_LEVEL * frng.uniform(0.5, 0.65)
     noise = 0.05 * cfg.difficulty
     min_px = MIN_PIXELS * s * s
 
@@ -146,7 +198,9 @@ def _simulate_package(args: tuple[SynthConfig, str, str, int, str]) -> list[Scan
         label = {(True, False): "A", (False, True): "B", (True, True): "C", (False, False): "D"}[(die_on, bond_on)]
 
         scene = np.where(body, mold_level, 0.08).astype(np.float32)
-        scene = np.where(die_pad | lead_mask, pad_level, scene)
+        scene = np.where(edge, edge_level, scene)
+        scene = np.where(metal_px, pad_level, scene)
+        scene = np.where(voids, void_level, scene)
         delam = (die_delam if die_on else False) | (bond_delam if bond_on else False)
         if np.any(delam):
             # Delaminated areas: strong, mottled reflection (air gap), phase-inverted.
@@ -170,6 +224,11 @@ def _simulate_package(args: tuple[SynthConfig, str, str, int, str]) -> list[Scan
         speckle = ndimage.gaussian_filter(srng.standard_normal((size, size)).astype(np.float32), 0.7 * s)
         img = ndimage.gaussian_filter(scene, 1.4 * s) + noise * 1.8 * speckle
         gain, gamma = srng.uniform(0.85, 1.15), srng.uniform(0.85, 1.2)
+        # The scan session of this cycling step (shared by every package scanned in it): transducer, water
+        # temperature and gate are set up afresh, so gain and contrast drift between sessions.
+        session = np.random.default_rng([cfg.seed, k, 3])
+        gain *= session.uniform(0.85, 1.15)
+        gamma *= session.uniform(0.9, 1.1)
         img = np.clip(img * gain, 0, 1) ** gamma
         lines = noise * 0.5 * srng.standard_normal((size, 1))
         lines[srng.random((size, 1)) < 0.01] += noise * 3

@@ -9,6 +9,7 @@ restored at an epoch boundary.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -21,13 +22,14 @@ import torch
 import torch.nn.functional as F
 
 from pqfn.augment import augment_batch
+from pqfn.baselines import fold_records, make_baselines
 from pqfn.config import TrialConfig
 from pqfn.data import Dataset
 from pqfn.ensemble import save_members
 from pqfn.errors import TrialError
-from pqfn.metrics import aggregate, class_metrics, with_gaps
+from pqfn.metrics import aggregate, aggregate_keys, class_metrics, versus_baseline, with_gaps
 from pqfn.model import build_model, check_model_name
-from pqfn.splits import Fold, build_pool, make_folds
+from pqfn.splits import Fold, build_pool, describe_pool, make_folds
 
 EpochCallback = Callable[[dict[str, float], "CrossValidation"], None]
 
@@ -233,9 +235,12 @@ class CrossValidation:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.entries = build_pool(ds, pool, cfg.data_size, cfg.max_copies, cfg.seed)
+        self.ds = ds
         self.folds = make_folds(ds, self.entries, cfg.folds, cfg.seed)
         check_trial(cfg, self.folds)
         self.data = TrialImages(ds, self.entries, cfg.resolution, self.device)
+        # The cheap baselines on the same folds (well under a second): their figures join every record.
+        self.baseline_folds = fold_records(ds, self.folds, make_baselines(ds, self.entries))
         self.learners = [
             Learner(cfg, self.data, self.data.rows(f.train), cfg.seed * 1000 + k, self.device)
             for k, f in enumerate(self.folds, start=1)
@@ -289,6 +294,7 @@ class CrossValidation:
         if not measure:
             return None
         rec = {"epoch": float(self.epoch)} | aggregate(per_fold)
+        rec |= aggregate_keys(self.baseline_folds) | versus_baseline(per_fold, self.baseline_folds)
         rec["time/epoch_s"] = self._unmeasured_s  # every epoch since the last record
         self._unmeasured_s = 0.0
         self.history.append(rec)
@@ -316,6 +322,9 @@ class CrossValidation:
         """The fold models and their out-of-fold logits (the selected trial's become the final model)."""
         idx, logits = self.out_of_fold()
         save_members(folder, [ln.model for ln in self.learners], idx, logits)
+        tmp = folder / "pool.json.tmp"  # which classes came from which cycles (README, "Splits")
+        tmp.write_text(json.dumps(describe_pool(self.ds, self.entries), indent=2))
+        tmp.replace(folder / "pool.json")
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -198,6 +198,26 @@ def summary_run(cfg: Config, sdir: Path, rows: list[TrialOutcome], result: Sweep
             run.summary[f"heldout/baseline/{k}"] = v
         run.summary["heldout/prior_strength"] = ev["prior_correction"]["strength"]
         run.summary["heldout/verdict"] = ev["verdict"]
+        # Intervals (package bootstrap) and the cheap baselines: heldout/<model>/<metric>/{value,lo,hi}
+        rows = [["CNN", k, v["value"], v["lo"], v["hi"]] for k, v in ev.get("intervals", {}).items()]
+        for name, c in ev.get("cheap_baselines", {}).items():
+            rows += [[name, k, v["value"], v["lo"], v["hi"]] for k, v in c["intervals"].items()]
+            run.summary[f"heldout/cheap/{name}/balanced_accuracy"] = c["balanced_accuracy"]
+            run.summary[f"heldout/cheap/{name}/macro_f1"] = c["macro_f1"]
+        vb = ev.get("versus_baseline")
+        if vb:
+            rows += [[f"CNN minus {vb['baseline']}", k, v["value"], v["lo"], v["hi"]] for k, v in vb["difference"].items()]
+            run.summary["heldout/versus_baseline/outcome"] = vb["outcome"]
+            for k, v in vb["difference"].items():
+                run.summary[f"heldout/versus_baseline/{k}"] = v["value"]
+                run.summary[f"heldout/versus_baseline/{k}_lo"] = v["lo"]
+                run.summary[f"heldout/versus_baseline/{k}_hi"] = v["hi"]
+        lb = ev.get("localisation_baselines")
+        if lb:
+            for name in ("gradcam", "brightest_pixel", "fixed_location"):
+                rows += [[f"localisation {name}", f"peak_hit_{c}", v["value"], v["lo"], v["hi"]] for c, v in lb[name].items()]
+        if rows:
+            run.log({"heldout/intervals": wandb.Table(columns=["model", "metric", "value", "lo", "hi"], data=rows)})
         per = ev["per_class"]
         run.log({"heldout/per_class": wandb.Table(
             columns=["class", "precision", "recall", "f1", "support"],

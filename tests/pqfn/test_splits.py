@@ -8,7 +8,7 @@ import pytest
 
 from pqfn.data import Dataset
 from pqfn.errors import DataError
-from pqfn.splits import build_pool, make_folds, split_test, write_folds_csv
+from pqfn.splits import build_pool, cycle_cutoff, describe_pool, make_folds, split_test, write_folds_csv
 
 
 def test_test_packages_are_whole_and_stratified(tiny_ds: Dataset) -> None:
@@ -19,15 +19,34 @@ def test_test_packages_are_whole_and_stratified(tiny_ds: Dataset) -> None:
     assert split_test(tiny_ds, 0.2, seed=0).test.tolist() == ho.test.tolist()  # deterministic
 
 
-def test_pool_is_balanced_earliest_cycles_first(tiny_ds: Dataset) -> None:
+def test_pool_is_balanced_and_every_class_spans_the_same_cycles(tiny_ds: Dataset) -> None:
     ho = split_test(tiny_ds, 0.2, seed=0)
     entries = build_pool(tiny_ds, ho.pool, data_size=40, max_copies=10, seed=0)
     assert np.bincount(tiny_ds.labels[entries], minlength=4).tolist() == [10, 10, 10, 10]
     assert set(entries) <= set(ho.pool)
-    d_pool = ho.pool[tiny_ds.labels[ho.pool] == 3]
-    chosen = set(entries[tiny_ds.labels[entries] == 3])
-    unchosen = [i for i in d_pool if i not in chosen]
-    assert max(tiny_ds.cycles[list(chosen)]) <= min(tiny_ds.cycles[unchosen])
+    cutoff = cycle_cutoff(tiny_ds, ho.pool, 10)
+    assert cutoff is not None and tiny_ds.cycles[entries].max() <= cutoff
+    # Earliest-first took every pristine (D) scan from cycle 0: "looks like cycle 0" was a shortcut for D.
+    d_cycles = tiny_ds.cycles[entries[tiny_ds.labels[entries] == 3]]
+    assert len(set(d_cycles.tolist())) > 1 and d_cycles.max() > 0
+    desc = describe_pool(tiny_ds, entries)
+    assert desc["D"]["cycles_max"] > 0 and sum(d["entries"] for d in desc.values()) == 40
+
+
+def _cycles_dataset(labels: list[int], cycles: list[int]) -> Dataset:
+    n = len(labels)
+    names = np.array([f"s{i}" for i in range(n)])
+    return Dataset(np.zeros((n, 4, 4), np.uint8), np.array(labels, np.int64), names, np.full(n, "Ag"),
+                   np.array(cycles, np.int64), names, np.zeros(n, bool), names)
+
+
+def test_cycle_cutoff_is_the_first_step_with_enough_of_every_class() -> None:
+    # Two scans per class are needed. D: at 0 and 100; A: 100, 200; B: 200, 300; C: 100 only (all it has).
+    ds = _cycles_dataset([3, 3, 3, 0, 0, 1, 1, 2], [0, 100, 200, 100, 200, 200, 300, 100])
+    assert cycle_cutoff(ds, np.arange(len(ds)), per_class=2) == 300  # B reaches two scans at 300
+    assert cycle_cutoff(ds, np.arange(len(ds)), per_class=1) == 200  # B's first scan is at 200
+    unknown = _cycles_dataset([0, 1, 2, 3], [-1, -1, -1, -1])
+    assert cycle_cutoff(unknown, np.arange(4), per_class=1) is None
 
 
 def test_folds_group_packages_and_copies(tiny_ds: Dataset) -> None:
