@@ -249,6 +249,10 @@ class EvaluateConfig(_Strict):
     prior_strength: float | Literal["auto"] = "auto"
     # The natural class frequencies (A, B, C, D); default: those of the search pool's original images.
     priors: tuple[float, float, float, float] | None = None
+    # Hindsight audit (audit.json, W&B): every completed trial's fold ensemble scored on the held-out packages
+    # after the selection, never used to select. audit_console: also print it at the end of a sweep.
+    audit: bool = True
+    audit_console: bool = False
 
     @field_validator("prior_strength")
     @classmethod

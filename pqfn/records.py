@@ -88,3 +88,4 @@ class SweepResult:
     selection: Selection
     evaluation: dict[str, Any] | None = None  # final/evaluation.json; None when disabled or nothing selected
     timing: dict[str, Any] = field(default_factory=dict)  # phases, summed trial time, slots, search efficiency
+    audit: dict[str, Any] | None = None  # audit.json: hindsight, never used to select; None when disabled

@@ -84,7 +84,7 @@ def test_a_consistent_gain_is_not_hidden_in_the_models_own_noise() -> None:
         logits[np.flatnonzero(y == a)[:20], b] = 1.0
     s, info = choose_strength(y, logits, PRIORS, groups=np.arange(200) // 5)
     f1 = info["oof_macro_f1_by_strength"]
-    gain = f1["0.25"] - f1["0.0"]  # type: ignore[operator]
+    gain = f1["0.25"] - f1["0.0"]  # type: ignore[index,operator]
     assert gain > info["se_of_difference_to_best"]["0.0"]  # type: ignore[index]
     assert s == 0.25
 
