@@ -42,7 +42,7 @@ HELD_OUT = {"val/bal_acc": "bal_acc", "val/f1": "f1", "val/acc": "acc"}  # the s
 
 
 def _spearman(a: list[float], b: list[float]) -> float:
-    if len(a) < 3:
+    if len(a) < 3 or len(set(a)) < 2 or len(set(b)) < 2:  # undefined for fewer than 3 or constant rankings
         return math.nan
     from scipy.stats import spearmanr
 

@@ -192,7 +192,10 @@ class SearchConfig(_Strict):
     # shuffled-grid: each configuration of a finite (all-choice) space at most once, in seeded random order
     sampler: Literal["tpe", "random", "nsga2", "shuffled-grid"] = "tpe"
     n_startup_trials: int = Field(4, ge=0)  # TPE random start-up trials (Optuna's default is 10)
-    objective: Literal["gap", "multi"] = "gap"  # multi: maximise val/acc and minimise gap (NSGA-II)
+    # single: minimise -metric (+ penalties for a missed class and, with selection.max_gap, a gap above it):
+    # what the selection rewards, never a prize for fitting less ("gap" is its old name, kept as an alias);
+    # multi: NSGA-II on (selection metric max, gap min)
+    objective: Literal["single", "gap", "multi"] = "single"
     asha: AshaConfig = AshaConfig()
     max_failures: int = Field(1, ge=0)  # retries of a failing trial from its checkpoint
     checkpoint_every: int = Field(1, ge=1)  # epochs between trial checkpoints (all folds' state)

@@ -204,8 +204,9 @@ def select(rows: list[TrialOutcome], sel: SelectionConfig) -> Selection:
     verdict[win.trial_id] = "selected"
     for r in contenders:
         if r is not win:
-            verdict[r.trial_id] = (f"contender; {g} + {k:g} SE = {upper_gap(r, sel):+.3f}, above the selected trial's "
-                                   f"{upper_gap(win, sel):+.3f}")
+            verdict[r.trial_id] = (f"contender; {g} + {k:g} SE = {upper_gap(r, sel):+.3f} (selected trial: "
+                                   f"{upper_gap(win, sel):+.3f}" + (", equal; lower metric)" if upper_gap(r, sel) == upper_gap(win, sel)
+                                                                     else ")"))
     out.selected = _brief(win, sel) | {"metrics": dict(win.metrics)}
     for r in contenders:
         if r is win:
