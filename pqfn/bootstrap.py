@@ -49,10 +49,12 @@ def package_draws(groups: np.ndarray, n_boot: int = N_BOOT, seed: int = 0) -> tu
     return codes, w
 
 
-def confusion_by_package(y: np.ndarray, pred: np.ndarray, codes: np.ndarray, n_pkg: int, k: int) -> np.ndarray:
-    """(P, k*k) per-package confusion counts, row = true class."""
+def confusion_by_package(y: np.ndarray, pred: np.ndarray, codes: np.ndarray, n_pkg: int, k: int,
+                         weights: np.ndarray | None = None) -> np.ndarray:
+    """(P, k*k) per-package confusion counts, row = true class; with `weights`, each scan counts its weight."""
     cm = np.zeros((n_pkg, k * k))
-    np.add.at(cm, (codes, np.asarray(y) * k + np.asarray(pred)), 1.0)
+    w = 1.0 if weights is None else np.asarray(weights, np.float64)
+    np.add.at(cm, (codes, np.asarray(y) * k + np.asarray(pred)), w)
     return cm
 
 
@@ -119,6 +121,19 @@ def paired_difference(
     bb = metrics_from_confusion((w @ per_b).reshape(n_boot, *shape))
     with np.errstate(invalid="ignore"):
         return {name: _interval(float(pa[name] - pb[name]), ba[name] - bb[name], level) for name in METRICS}
+
+
+def metric_draws(
+    y: np.ndarray, preds: list[np.ndarray], groups: np.ndarray, n_classes: int, weights: np.ndarray | None = None,
+    n_boot: int = N_BOOT, seed: int = 0,
+) -> list[dict[str, np.ndarray]]:
+    """For each prediction vector, its metrics on the SAME package resamples ((n_boot,) arrays per metric), each
+    scan counted with its weight (e.g. prior / pool share, to score a balanced set at the natural class mix).
+    Differences of two entries are paired: what the predictions share (hard packages, easy packages) cancels."""
+    codes, w = package_draws(groups, n_boot, seed)
+    shape = (n_boot, n_classes, n_classes)
+    return [metrics_from_confusion((w @ confusion_by_package(y, p, codes, w.shape[1], n_classes, weights)).reshape(shape))
+            for p in preds]
 
 
 def rate_interval(

@@ -258,6 +258,30 @@ def cmd_report(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(a: argparse.Namespace) -> int:
+    """Score every completed trial's fold ensemble on the held-out packages (hindsight, never used to select)."""
+    from pqfn.audit import audit_sweep, lines, write_audit
+    from pqfn.config import load_config
+    from pqfn.io import read_json
+    from pqfn.records import Selection
+    from pqfn.report import read_trials_csv
+    from pqfn.selection import select
+
+    run_dir = Path(a.run_dir)
+    if not (run_dir / "trials.csv").exists() or not (run_dir / "config.yaml").exists():
+        raise PqfnError(f"{run_dir}: no trials.csv and config.yaml; expected a sweep results folder")
+    cfg = load_config(run_dir / "config.yaml")
+    rows = read_trials_csv(run_dir / "trials.csv")
+    sel_file = run_dir / "selection.json"
+    selection = Selection.from_dict(read_json(sel_file, "selection.json")) if sel_file.exists() else select(rows, cfg.selection)
+    ds, holdout = _data(cfg)
+    audit = audit_sweep(cfg, run_dir, rows, selection, ds, holdout)
+    for line in lines(audit):
+        print(line)
+    print(f"written: {write_audit(run_dir, audit)}")
+    return 0
+
+
 def cmd_dfi(a: argparse.Namespace) -> int:
     from pqfn.dfi import format_table, load_design, load_thresholds, plot_scores, score
     from pqfn.io import check_output_paths
@@ -373,6 +397,11 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.Argume
     r = sub.add_parser("report", help="regenerate a sweep's tables and plots from its results folder")
     r.add_argument("run_dir")
     r.set_defaults(func=cmd_report)
+
+    au = sub.add_parser("audit", help="hindsight: score every trial of a finished sweep on its held-out packages "
+                        "(never used to select)")
+    au.add_argument("run_dir")
+    au.set_defaults(func=cmd_audit)
 
     d = sub.add_parser("dfi", help="CMx-ray design-for-inspection score of a package design")
     d.add_argument("thresholds")

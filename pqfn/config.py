@@ -192,7 +192,10 @@ class SearchConfig(_Strict):
     # shuffled-grid: each configuration of a finite (all-choice) space at most once, in seeded random order
     sampler: Literal["tpe", "random", "nsga2", "shuffled-grid"] = "tpe"
     n_startup_trials: int = Field(4, ge=0)  # TPE random start-up trials (Optuna's default is 10)
-    objective: Literal["gap", "multi"] = "gap"  # multi: maximise val/acc and minimise gap (NSGA-II)
+    # single: minimise -metric (+ penalties for a missed class and, with selection.max_gap, a gap above it):
+    # what the selection rewards, never a prize for fitting less ("gap" is its old name, kept as an alias);
+    # multi: NSGA-II on (selection metric max, gap min)
+    objective: Literal["single", "gap", "multi"] = "single"
     asha: AshaConfig = AshaConfig()
     max_failures: int = Field(1, ge=0)  # retries of a failing trial from its checkpoint
     checkpoint_every: int = Field(1, ge=1)  # epochs between trial checkpoints (all folds' state)
@@ -208,23 +211,32 @@ class SearchConfig(_Strict):
 
 
 class SelectionConfig(_Strict):
-    """Least-overfitting configuration that still learns every class (README, "How the selection works").
+    """Least-overfitting configuration that still learns every class (README, "Sweeps"; pqfn/selection.py).
 
-    1. informative: a completed trial whose mean `metric` >= floor and whose worst class's recall
-       (val/min_recall, mean of folds) >= min_class_recall;
-    2. contenders: informative trials whose `metric` is within se_multiplier standard errors of the
-       best informative trial's (standard error = fold std / sqrt(folds)), and within `tolerance`
-       of it when that is set;
-    3. among contenders, those whose gap is statistically tied with the smallest gap (difference
-       within se_multiplier combined standard errors); of these, the one with the best `metric`.
+    Noise: the standard error (SE) of a k-fold mean is corrected for overlapping training sets
+    (Nadeau-Bengio: fold std * sqrt(1/k + 1/(k-1))); trials that share folds (same data_size, folds, seed,
+    max_copies) are compared by their per-fold differences, others by their two SEs combined.
+
+    1. informative: a completed trial with every input finite, mean `metric` >= floor, worst class's
+       recall (val/min_recall, mean of folds) >= min_class_recall and gap <= max_gap (when set);
+    2. contenders: informative trials SHOWN to be within `tolerance` of the best informative trial's
+       metric (shortfall + se_multiplier SE <= tolerance); with tolerance null, those not shown below it
+       (shortfall <= se_multiplier SE, which lets noisy trials in);
+    3. the winner: the contender with the smallest gap + se_multiplier SE (noise counts against a trial).
     """
 
     metric: Literal["val/bal_acc", "val/f1", "val/acc"] = "val/bal_acc"
     gap_metric: Literal["gap/acc", "gap/loss"] = "gap/acc"
     floor: float | None = Field(0.4, ge=0, le=1)  # metric at least this (chance: 0.25 for 4 classes)
     min_class_recall: float | None = Field(0.2, ge=0, le=1)  # every class found this often (a blind class: ~0)
-    se_multiplier: float = Field(1.0, ge=0)  # "within noise" = within this many standard errors
-    tolerance: float | None = Field(None, ge=0, le=1)  # optional absolute bound on the metric's distance to the best
+    # How many corrected standard errors make "within noise" (k - 1 degrees of freedom at k folds: one SE is
+    # about 58 % two-sided confidence at 3 folds, 63 % at 5; 2 SE about 82 % and 88 %).
+    se_multiplier: float = Field(1.0, ge=0)
+    # The most `metric` the selection gives up for a smaller gap, and only when shown (shortfall + k SE);
+    # null: the lenient test (not shown below the best), in which noise widens the door.
+    tolerance: float | None = Field(0.05, ge=0, le=1)
+    # A constraint on the gap (same in the search objective): a trial above it is not informative; null: none.
+    max_gap: float | None = Field(None, ge=-1, le=10)
 
 
 class EvaluateConfig(_Strict):
@@ -240,6 +252,10 @@ class EvaluateConfig(_Strict):
     prior_strength: float | Literal["auto"] = "auto"
     # The natural class frequencies (A, B, C, D); default: those of the search pool's original images.
     priors: tuple[float, float, float, float] | None = None
+    # Hindsight audit (audit.json, W&B): every completed trial's fold ensemble scored on the held-out packages
+    # after the selection, never used to select. audit_console: also print it at the end of a sweep.
+    audit: bool = True
+    audit_console: bool = False
 
     @field_validator("prior_strength")
     @classmethod

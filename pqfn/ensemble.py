@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from sklearn.metrics import f1_score
 from torch import nn
 
+from pqfn.bootstrap import metric_draws
 from pqfn.config import CLASSES
 from pqfn.errors import TrialError
 from pqfn.model import build_model
@@ -108,17 +109,19 @@ def _weighted_macro_f1(y: np.ndarray, pred: np.ndarray, w: np.ndarray) -> float:
 
 
 def choose_strength(y: np.ndarray, logits: np.ndarray, priors: np.ndarray, groups: np.ndarray | None = None,
-                    *, n_boot: int = 200, seed: int = 0) -> tuple[float, dict[str, object]]:
+                    *, n_boot: int = 1000, seed: int = 0) -> tuple[float, dict[str, object]]:
     """The prior-correction strength for the natural class mix, chosen on (balanced) out-of-fold predictions.
 
     Each image weighs prior[class] / pool share[class], so a score is what the natural mix would give.
     The rule, the same parsimony as the configuration selection: the WEAKEST strength whose weighted
-    macro-F1 is within one standard error of the best strength's (the standard error from a bootstrap
-    over packages, `groups`; over images without them) and whose weighted accuracy beats answering the
-    majority class every time. Why the weakest: a stronger correction buys accuracy with the recall of
-    the rare classes (strength 0 is what balanced accuracy favours, 1 what accuracy favours), and the
-    out-of-fold scores of neighbouring strengths differ by less than their noise. When no strength beats
-    the majority class, the best-scoring one. Returns (strength, details for evaluation.json).
+    macro-F1 is within one standard error of the best strength's and whose weighted accuracy beats
+    answering the majority class every time. The standard error is that of the PAIRED difference
+    (strength minus best, both scored on the same bootstrap resamples of packages, `groups`; of images
+    without them): the two strengths score the same scans, so what they share cancels (the best
+    strength's own bootstrap error, used until issue 20, was about 1.4x as wide in a toy case and let
+    strengths through that lose on every resample). Why the weakest: a stronger correction buys accuracy
+    with the recall of the rare classes (strength 0 is what balanced accuracy favours, 1 what accuracy
+    favours). When no strength qualifies, the best-scoring one. Returns (strength, details for evaluation.json).
     """
     share = np.bincount(y, minlength=len(CLASSES)) / len(y)
     w = priors[y] / np.maximum(share[y], 1e-12)
@@ -126,21 +129,17 @@ def choose_strength(y: np.ndarray, logits: np.ndarray, priors: np.ndarray, group
     f1 = {s: _weighted_macro_f1(y, p, w) for s, p in preds.items()}
     acc = {s: float(np.average(p == y, weights=w)) for s, p in preds.items()}
     best = min(s for s in STRENGTHS if f1[s] >= max(f1.values()) - 1e-9)
-    # Bootstrap over packages (all scans of a package together, as the folds were drawn).
+    # Bootstrap over packages (all scans of a package together, as the folds were drawn), paired across strengths.
     groups = np.arange(len(y)) if groups is None else np.asarray(groups)
-    _, inv = np.unique(groups, return_inverse=True)
-    members = [np.flatnonzero(inv == g) for g in range(inv.max() + 1)]
-    rng = np.random.default_rng(seed)
-    boot = []
-    for _ in range(n_boot):
-        rows = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
-        boot.append(_weighted_macro_f1(y[rows], preds[best][rows], w[rows]))
-    se = float(np.std(boot))
+    draws = metric_draws(y, [preds[s] for s in STRENGTHS], groups, len(CLASSES), weights=w, n_boot=n_boot, seed=seed)
+    boot = {s: np.nan_to_num(d["f1"]) for s, d in zip(STRENGTHS, draws, strict=True)}  # an absent class scores 0
+    se = {s: float(np.std(boot[s] - boot[best])) for s in STRENGTHS}
     majority = float(priors.max() / priors.sum())
-    ok = [s for s in STRENGTHS if f1[s] >= f1[best] - se and acc[s] > majority]
+    ok = [s for s in STRENGTHS if f1[best] - f1[s] <= se[s] and acc[s] > majority]
     strength = min(ok) if ok else best
     return strength, {
-        "best_strength": best, "se": round(se, 4), "majority_rate": round(majority, 4),
+        "best_strength": best, "se": round(se[strength], 4), "majority_rate": round(majority, 4),
+        "se_of_difference_to_best": {str(s): round(v, 4) for s, v in se.items()},
         "oof_macro_f1_by_strength": {str(s): round(v, 4) for s, v in f1.items()},
         "oof_accuracy_by_strength": {str(s): round(v, 4) for s, v in acc.items()},
     }

@@ -269,7 +269,7 @@ def evaluate_holdout(
                                       int(np.argmax(priors)))
     metrics["prior_correction"] = {
         "priors": dict(zip(CLASSES, priors.round(4).tolist(), strict=True)), "strength": strength,
-        "chosen_by": ("auto: the weakest strength within one standard error of the best out-of-fold prior-weighted "
+        "chosen_by": ("auto: the weakest strength within one standard error (paired package bootstrap) of the best out-of-fold prior-weighted "
                       "macro-F1 whose out-of-fold accuracy beats the majority class") if ev.prior_strength == "auto"
         else "config",
     } | chosen

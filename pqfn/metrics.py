@@ -32,6 +32,15 @@ TRIAL_METRICS = ("train/acc", "val/acc", "gap/acc", "train/loss", "val/loss", "g
                  "val/min_recall", *PER_CLASS_METRICS, "val/acc_std", "val/bal_acc_std", "val/f1_std",
                  "gap/acc_std", "gap/loss_std", "n_folds", "objective", *BASELINE_COLUMNS)
 
+# Per-fold values kept in trials.csv beside the means: the selection compares trials that share folds fold by
+# fold (paired), and `pqfn report` re-selects from trials.csv.
+PAIRED_METRICS = ("val/acc", "val/bal_acc", "val/f1", "val/min_recall", "gap/acc", "gap/loss")
+
+
+def fold_columns(n_folds: int) -> list[str]:
+    """trials.csv's per-fold columns for up to n_folds folds: fold1/val/bal_acc, ..."""
+    return [fold_key(k, m) for k in range(1, n_folds + 1) for m in PAIRED_METRICS]
+
 
 def class_metrics(y: np.ndarray, pred: np.ndarray, prefix: str = "val") -> dict[str, float]:
     """Per-class recall and precision, balanced accuracy, macro-F1 and the worst recall of one fold."""

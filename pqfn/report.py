@@ -17,7 +17,7 @@ import numpy as np
 
 from pqfn.config import CLASS_NAMES, CLASSES, Config
 from pqfn.data import Dataset
-from pqfn.metrics import FOLD_METRICS, MEMORY_METRICS, TRIAL_METRICS, fold_key
+from pqfn.metrics import FOLD_METRICS, MEMORY_METRICS, TRIAL_METRICS, fold_columns, fold_key
 from pqfn.records import Selection, SweepResult, TrialOutcome
 
 
@@ -183,10 +183,11 @@ OUTCOME_FIELDS = ("trial_id", "status", "epoch", "time_total_s", "node_ip", "nod
 def trial_table(rows: list[TrialOutcome]) -> tuple[list[str], list[dict[str, Any]]]:
     """trials.csv's columns and rows: identity and status, the searched parameters, the final metrics."""
     params = sorted({k for r in rows for k in r.params})
+    folds = fold_columns(max((int(n) for r in rows if (n := r.get("n_folds")) >= 1), default=0))
     cols = ["trial_id", "status", *params, "epoch", *TRIAL_METRICS, "time_total_s", *MEMORY_METRICS, "node_ip",
-            "node_id", "restored_from", "error"]
+            "node_id", "restored_from", "error", *folds]
     # Parameters are written exactly (str of a float is its shortest exact repr); metrics to 6 digits.
-    flat = [{k: getattr(r, k) for k in OUTCOME_FIELDS} | {k: r.get(k) for k in (*TRIAL_METRICS, *MEMORY_METRICS)}
+    flat = [{k: getattr(r, k) for k in OUTCOME_FIELDS} | {k: r.get(k) for k in (*TRIAL_METRICS, *MEMORY_METRICS, *folds)}
             | {k: str(v) for k, v in r.params.items()} for r in rows]
     return cols, flat
 
@@ -223,7 +224,8 @@ def read_trials_csv(path: Path) -> list[TrialOutcome]:
         rows.append(TrialOutcome(
             trial_id=raw["trial_id"].strip(), status=status,  # type: ignore[arg-type]
             params={k: _num(v) for k, v in raw.items() if k.startswith("trial.")},
-            metrics={k: number(k, math.nan) for k in raw if k in TRIAL_METRICS or k in MEMORY_METRICS},
+            metrics={k: number(k, math.nan) for k in raw
+                     if k in TRIAL_METRICS or k in MEMORY_METRICS or k.startswith("fold")},
             epoch=int(epoch), time_total_s=number("time_total_s", 0.0),
             node_ip=raw.get("node_ip") or "", node_id=raw.get("node_id") or "",
             restored_from=number("restored_from", 0.0), error=raw.get("error") or "",

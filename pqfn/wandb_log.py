@@ -225,6 +225,19 @@ def summary_run(cfg: Config, sdir: Path, rows: list[TrialOutcome], result: Sweep
         if ev.get("by_metallization_cycles"):
             t = ev["by_metallization_cycles"]
             run.log({"heldout/by_metallization_cycles_table": wandb.Table(columns=list(t[0]), data=[list(r.values()) for r in t])})
+    au = result.audit
+    if au:  # hindsight, never used to select
+        run.summary["audit/label"] = au["label"]
+        run.summary["audit/spearman"] = au["spearman"]
+        if "regret" in au:
+            run.summary["audit/regret"] = au["regret"]
+            run.summary["audit/best_held_out"] = au["best_held_out"]
+        key = au["held_out_metric"]
+        done = [t for t in au["trials"] if "held_out" in t]
+        run.log({"audit/trials": wandb.Table(
+            columns=["trial_id", "params", f"cv {au['metric']}", f"held-out {key}", "lo", "hi", "verdict"],
+            data=[[t["trial_id"], str(t["params"]), t[f"cv {au['metric']}"], t["held_out"][key]["value"],
+                   t["held_out"][key]["lo"], t["held_out"][key]["hi"], t["verdict"]] for t in done])})
     for k, v in result.timing.get("phases_s", {}).items():
         run.summary[f"time/{k}_s"] = v
     if result.timing:

@@ -34,6 +34,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
 
+from pqfn.audit import run_audit
 from pqfn.config import Config, absolutize_paths, dump_config, load_config, with_overrides
 from pqfn.data import Dataset, load_dataset
 from pqfn.errors import ConfigError, PqfnError
@@ -165,9 +166,11 @@ def run_sweep(cfg: Config, *, address: str | None = None, resume: bool = False, 
     # 6. evaluate it on the held-out packages (its fold ensemble, prior-corrected)
     with clock("evaluate"):
         evaluation = evaluate_selection(cfg, sdir, selection, data, holdout, log=log)
+    with clock("audit"):  # hindsight: every trial's fold ensemble on the held-out packages, never used to select
+        audit = run_audit(cfg, sdir, outcomes, selection, data, holdout, log=log)
     # 7. write trials.csv, selection.json, plots, sweep.json; 8. log the summary run to W&B
     result = SweepResult(folder=str(sdir), selection=selection, evaluation=evaluation,
-                         timing=clock.report(outcomes, slots))
+                         timing=clock.report(outcomes, slots), audit=audit)
     write_sweep(sdir, cfg, outcomes, selection)
     with clock("wandb"):
         summary_run(cfg, sdir, outcomes, result)

@@ -30,37 +30,36 @@ def test_a_configuration_blind_to_one_class_is_never_selected() -> None:
 
 
 def test_noise_aware_rule_on_a_hand_made_table() -> None:
-    # SE = std / sqrt(3). bal SE 0.03/1.732 = 0.0173.
+    # No per-fold values: unpaired. Corrected SE = 0.03 * sqrt(1/3 + 1/2) = 0.0274; of a difference 0.0387.
     rows = [
-        _row("best", 0.70, 0.20),              # best bal_acc; gap clearly larger than 'small-gap'
-        _row("small-gap", 0.69, 0.05),         # within 1 SE of the best (0.01 < 0.0173 * ... combined): contender
-        _row("tied-gap", 0.695, 0.07),         # gap +0.02 vs combined SE 0.0245: tied on gap, better bal -> wins
-        _row("weak", 0.60, 0.01),              # informative, but 0.10 below the best: far outside the noise
+        _row("best", 0.70, 0.20),              # best bal_acc; the reference
+        _row("small-gap", 0.69, 0.05),         # 0.01 + 0.0387 <= 0.05: shown close enough; smallest gap -> wins
+        _row("tied-gap", 0.695, 0.07),         # a contender; gap +0.02 within the noise of the winner's: tied
+        _row("weak", 0.60, 0.01),              # informative, but 0.10 below the best
         _row("learns-nothing", 0.25, 0.0),     # below the floor
         _row("stopped", 0.75, 0.0, status="stopped"),  # ASHA-stopped: never considered
         _row("failed", math.nan, math.nan, status="failed"),
     ]
     sel = select(rows, SEL)
-    assert sel.selected is not None and sel.selected["trial_id"] == "tied-gap"
+    assert sel.selected is not None and sel.selected["trial_id"] == "small-gap"
     assert sel.counts == {"completed": 5, "stopped": 1, "failed": 1}
     v = {c["trial_id"]: c["verdict"] for c in sel.candidates}
-    assert v["tied-gap"] == "selected"
-    assert v["small-gap"].startswith("tied on gap/acc")
-    assert "above the smallest" in v["best"]
-    assert "below the best" in v["weak"] and "floor" in v["learns-nothing"]
-    assert [t["trial_id"] for t in sel.tied] == ["small-gap"]  # bal and gap both within noise of the winner
+    assert v["small-gap"] == "selected"
+    assert v["tied-gap"].startswith("contender") and v["best"].startswith("contender")
+    assert "below the best" in v["weak"] and "not shown within" in v["weak"] and "floor" in v["learns-nothing"]
+    assert [t["trial_id"] for t in sel.tied] == ["tied-gap"]  # bal and gap both within noise of the winner
     assert sel.best is not None and sel.best["trial_id"] == "best"
-    # A stricter noise multiplier of 0 degenerates to "best metric, then smallest gap among exact ties".
-    strict = select(rows, SEL.model_copy(update={"se_multiplier": 0.0}))
+    # tolerance 0: no metric is given up for a smaller gap, so the best metric wins.
+    strict = select(rows, SEL.model_copy(update={"tolerance": 0.0}))
     assert strict.selected is not None and strict.selected["trial_id"] == "best"
 
 
 def test_more_folds_shrink_the_noise() -> None:
-    # The same means: with 3 noisy folds the two are tied on the metric; with many folds they are not.
-    noisy = [_row("a", 0.70, 0.20, bal_std=0.08), _row("b", 0.66, 0.05, bal_std=0.08)]
-    assert select(noisy, SEL).selected["trial_id"] == "b"  # type: ignore[index]
-    precise = [_row("a", 0.70, 0.20, bal_std=0.08, folds=100), _row("b", 0.66, 0.05, bal_std=0.08, folds=100)]
-    assert select(precise, SEL).selected["trial_id"] == "a"  # type: ignore[index]
+    # The same means: with 3 noisy folds b cannot be shown within 0.05 of a; with many folds it can.
+    noisy = [_row("a", 0.70, 0.20, bal_std=0.08), _row("b", 0.68, 0.05, bal_std=0.08)]
+    assert select(noisy, SEL).selected["trial_id"] == "a"  # type: ignore[index]
+    precise = [_row("a", 0.70, 0.20, bal_std=0.08, folds=100), _row("b", 0.68, 0.05, bal_std=0.08, folds=100)]
+    assert select(precise, SEL).selected["trial_id"] == "b"  # type: ignore[index]
 
 
 def test_no_informative_trial_selects_nothing() -> None:
@@ -78,4 +77,6 @@ def test_search_objective_penalises_learning_nothing_and_missing_a_class() -> No
     good = {"val/bal_acc": 0.7, "gap/acc": 0.1, "val/min_recall": 0.5}
     assert search_objective({"val/bal_acc": 0.25, "gap/acc": 0.0, "val/min_recall": 0.0}, SEL) > search_objective(good, SEL)
     assert search_objective({"val/bal_acc": 0.7, "gap/acc": 0.0, "val/min_recall": 0.0}, SEL) > search_objective(good, SEL)
-    assert search_objective(good, SEL) == 0.1
+    assert search_objective(good, SEL) == -0.7  # minimised: the metric, with no prize for a small gap
+    capped = SEL.model_copy(update={"max_gap": 0.05})
+    assert search_objective(good, capped) == -0.7 + 2 * (0.1 - 0.05)  # the gap only as a constraint

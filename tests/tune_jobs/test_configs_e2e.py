@@ -6,10 +6,12 @@ renamed key, an impossible search space, a sampler that no longer works) fails h
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
+from pqfn.cli import main as cli_main
 from pqfn.config import DataConfig, load_config
 from pqfn.records import COMPLETED
 from tune_jobs.sweep import run_sweep
@@ -53,7 +55,18 @@ def test_shipped_config_runs_end_to_end(name: str, extra: list[str], tmp_path: P
         assert s.evaluation is not None and (run / "final" / "evaluation.json").exists()
         assert "baselines" in s.evaluation and s.evaluation["n_test_images"] > 0
     assert s.timing["slots"] >= 1 and s.timing["trial_time_sum_s"] > 0
+    # the hindsight audit: every completed trial's fold ensemble on the held-out packages, never used to select
+    audit = json.loads((run / "audit.json").read_text())
+    assert audit["label"].startswith("HINDSIGHT") and audit["selected"] == s.selection.selected["trial_id"]
+    scored = [t for t in audit["trials"] if "held_out" in t]
+    assert len(scored) == s.selection.counts[COMPLETED] and audit["regret"] >= 0
+    assert all(t["held_out"]["bal_acc"]["lo"] <= t["held_out"]["bal_acc"]["hi"] for t in scored)
     if name == "quickstart":  # progress lines (plain text, not a terminal here) appear before the first trial ends
         out = capfd.readouterr().out
         assert "[progress " in out and "[1/2] trial" in out
         assert out.index("[progress ") < out.index("[1/2] trial")
+    if name == "quickstart":  # `pqfn audit RUN_DIR` recomputes the same figures from the folder
+        capfd.readouterr()
+        assert cli_main(["audit", str(run)]) == 0
+        assert json.loads((run / "audit.json").read_text())["regret"] == audit["regret"]
+        assert "hindsight audit" in capfd.readouterr().out

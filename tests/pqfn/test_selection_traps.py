@@ -1,0 +1,108 @@
+"""Trap tests (issue 20) written BEFORE the rule change, to be run against the old rule."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pqfn.config import SelectionConfig
+from pqfn.records import TrialOutcome
+from pqfn.selection import search_objective, select
+
+SEL = SelectionConfig(metric="val/bal_acc", gap_metric="gap/acc", floor=0.4, min_class_recall=0.2, se_multiplier=1.0)
+BASE = np.array([0.62, 0.70, 0.78])  # a hard, a middling and an easy fold, shared by trials with the same folds
+
+
+def _trial(tid: str, bal: list[float] | np.ndarray, gap: list[float] | np.ndarray, *, data_size: int = 200,
+           min_recall: float | None = 0.5, drop: tuple[str, ...] = ()) -> TrialOutcome:
+    bal, gap = np.asarray(bal, float), np.asarray(gap, float)
+    m: dict[str, float] = {"n_folds": float(len(bal))}
+    for name, v in (("val/bal_acc", bal), ("gap/acc", gap), ("val/acc", bal)):
+        m[name], m[f"{name}_std"] = float(v.mean()), float(v.std(ddof=1))
+        for k, x in enumerate(v, start=1):
+            m[f"fold{k}/{name}"] = float(x)
+    if min_recall is not None:
+        m["val/min_recall"] = min_recall
+    for key in drop:
+        m.pop(key, None)
+    return TrialOutcome(trial_id=tid, status="completed", params={"trial.data_size": data_size, "trial.tag": tid},
+                        metrics=m)
+
+
+def _chosen(rows: list[TrialOutcome], sel: SelectionConfig = SEL) -> str:
+    s = select(rows, sel)
+    assert s.selected is not None, s.reason
+    return str(s.selected["trial_id"])
+
+
+def test_a_noisy_gap_does_not_open_the_door() -> None:
+    for spread in (0.05, 0.40):
+        steady = _trial("steady", BASE, [0.0, 0.05, 0.10])
+        noisy = _trial("noisy", BASE + [0.005, 0.015, 0.01], [0.25 - spread, 0.25, 0.25 + spread])
+        assert _chosen([steady, noisy]) == "steady", spread
+
+
+def test_a_noisy_weaker_trial_does_not_beat_the_best() -> None:
+    wide = np.array([0.61, 0.70, 0.79])  # fold spread 0.09 at 3 folds
+    best = _trial("best", wide, [0.12, 0.15, 0.18])
+    for data_size in (200, 160):  # shares the best's folds (paired), and does not (unpaired)
+        weaker = _trial("weaker", wide - [0.06, 0.08, 0.07], [0.0, 0.0, 0.0], data_size=data_size)
+        assert _chosen([best, weaker]) == "best", data_size
+
+
+def test_paired_folds_show_what_unpaired_noise_hides() -> None:
+    wide = np.array([0.61, 0.70, 0.79])
+    best = _trial("best", wide, [0.17, 0.20, 0.23])
+    close = wide - [0.015, 0.02, 0.025]
+    assert _chosen([best, _trial("close", close, [0.03, 0.05, 0.07])]) == "close"  # paired: within 0.05, shown
+    assert _chosen([best, _trial("close", close, [0.03, 0.05, 0.07], data_size=160)]) == "best"  # unpaired: not shown
+
+
+def test_an_underfitting_configuration_is_not_selected() -> None:
+    centre = _trial("batch8", [0.66, 0.72, 0.78], [0.15, 0.18, 0.21])
+    big_batch = _trial("batch64", [0.64, 0.66, 0.74], [0.01, 0.03, 0.05])  # fits less: lower score, small gap
+    tiny_lr = _trial("lr1e-5", [0.54, 0.60, 0.66], [0.0, 0.01, 0.02])
+    assert _chosen([centre, big_batch, tiny_lr]) == "batch8"
+
+
+def test_a_missing_input_makes_a_trial_not_informative() -> None:
+    good = _trial("good", BASE, [0.08, 0.10, 0.12])
+    no_recall = _trial("no-recall", BASE + 0.01, [0.0, 0.0, 0.0], min_recall=None)
+    no_std = _trial("no-std", BASE + 0.01, [0.0, 0.01, 0.02], drop=("gap/acc_std",))
+    no_folds = _trial("no-n", BASE + 0.01, [0.0, 0.01, 0.02], drop=("n_folds",))
+    s = select([good, no_recall, no_std, no_folds], SEL)
+    assert s.selected is not None and s.selected["trial_id"] == "good"
+    v = {c["trial_id"]: c["verdict"] for c in s.candidates}
+    assert v["no-recall"].startswith("not informative") and "val/min_recall" in v["no-recall"]
+    assert v["no-std"].startswith("not informative") and "gap/acc_std" in v["no-std"]
+    assert v["no-n"].startswith("not informative") and "n_folds" in v["no-n"]
+
+
+def test_the_search_objective_does_not_reward_a_missing_class_recall() -> None:
+    rec = {"val/bal_acc": 0.7, "gap/acc": 0.1}
+    assert search_objective(rec, SEL) >= search_objective(rec | {"val/min_recall": 0.0}, SEL)
+
+
+def _simulated(batch: int, lr: float) -> dict[str, float]:
+    """A trial's final record on a made-up response: larger batches (fewer steps at a fixed epoch budget)
+    and smaller learning rates fit less: lower train and validation scores, and a smaller gap."""
+    under = np.log2(batch / 8) / 3 + max(0.0, np.log10(3e-4 / lr)) / 1.5  # 0 = fits fully, >= 1 = barely
+    learn = float(np.clip(1 - under, 0, 1))
+    return {"val/bal_acc": 0.45 + 0.3 * learn, "gap/acc": 0.02 + 0.2 * learn, "val/min_recall": 0.25 + 0.4 * learn}
+
+
+def test_the_searcher_is_not_drawn_to_configurations_that_fit_less() -> None:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0, n_startup_trials=6), direction="minimize")
+
+    def objective(t: optuna.Trial) -> float:
+        rec = _simulated(t.suggest_categorical("batch", [8, 16, 32, 64]), t.suggest_float("lr", 1e-5, 3e-3, log=True))
+        return search_objective(rec, SEL)
+
+    study.optimize(objective, n_trials=30)
+    guided = study.trials[6:]  # after the random start-up trials
+    underfit = sum(t.params["batch"] == 64 or t.params["lr"] < 3e-5 for t in guided)
+    fits = sum(t.params["batch"] <= 16 and t.params["lr"] >= 3e-4 for t in guided)
+    assert underfit < fits, (underfit, fits)
+    assert study.best_params["batch"] <= 16 and study.best_params["lr"] >= 3e-4
