@@ -210,6 +210,11 @@ def start_ray(address: str | None) -> bool:
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    if address in (None, "local"):
+        # A private local Ray: token authentication on (Ray 2.60's default for a new local cluster) but said explicitly, which
+        # spares the "Token authentication is enabled for this Ray cluster" warning nobody has to act on.
+        # Joining the user's own cluster, Ray's own messages about its token stay: they are actionable there.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     ray.init(address=address or "local", include_dashboard=False, logging_level=logging.WARNING,
              log_to_driver=True, configure_logging=True)
     return True
@@ -238,6 +243,7 @@ def quiet_ray_noise() -> None:
     """Install _RayNoise where those warnings are logged (a filter on a logger sees only its own records)."""
     # The snapshot warning can also be switched off by its threshold (read when Tune builds its state).
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created in RDB with name: ..."
     for name in ("ray.tune.utils.util", "ray.tune.execution.experiment_state"):
         lg = logging.getLogger(name)
         if not any(isinstance(f, _RayNoise) for f in lg.filters):
@@ -344,7 +350,8 @@ def build_tuner(cfg: Config, sdir: Path, state: dict[str, Any], trainable: Any) 
         param_space = {PARAMS: tune.grid_search(grid_points(cfg))}
         tune_config = tune.TuneConfig(scheduler=scheduler, num_samples=s.num_samples, max_concurrent_trials=s.max_concurrent)
     run_config = tune.RunConfig(
-        name="tune", storage_path=str(sdir), callbacks=[ProgressLines(total_trials(cfg), trial_slots(cfg), cfg.search.progress_every_s)],
+        name="tune", storage_path=str(sdir), callbacks=[ProgressLines(total_trials(cfg), trial_slots(cfg), cfg.search.progress_every_s,
+                                                        trials_dir=sdir / "trials")],
         failure_config=tune.FailureConfig(max_failures=s.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         verbose=0,

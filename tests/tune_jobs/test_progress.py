@@ -28,8 +28,8 @@ def test_progress_line_every_interval_with_running_trials_and_time_left() -> Non
     assert len(lines) == 1
     line = lines[0]
     assert line.startswith("[progress ") and "0/4 done, 2 running" in line
-    assert "a (resolution=64): epoch 5/10, val/bal_acc 0.500" in line and "b (resolution=64): starting" in line
-    assert "left" in line  # 4 trials x ~120 s on 2 slots, minus what is already spent
+    assert "a (resolution=64): epoch 5/10 done; at epoch 5 val/bal_acc 0.500" in line and "b (resolution=64): preparing" in line
+    assert "about 4:00 left" in line  # a: 5 epochs x 12 s, then 2 more x 120 s; b: 120 s (a's rate)
     assert line.index("left") < line.index("a (resolution=64)")  # before the details a terminal may cut
     done = _trial("a", "TERMINATED", {"epoch": 10, "epochs": 10, "val/bal_acc": 0.6, "val/min_recall": 0.3, "gap/acc": 0.1})
     p.on_trial_complete(2, [], done)
