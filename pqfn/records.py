@@ -94,8 +94,12 @@ class TrialProgress:
     epoch_s: float | None = None  # the last whole epoch's seconds (training, and measuring when it measured)
     run_s: float = 0.0  # seconds since this process's first epoch began (0 before it)
     run_epochs: float = 0.0  # epochs done since then, fractional (a restored trial counts from its checkpoint)
+    cycle_s: float = 0.0  # seconds from the first epoch's start to the latest epoch's start
+    cycle_epochs: int = 0  # whole epochs in cycle_s (training, measuring, reporting, checkpointing)
 
     def seconds_per_epoch(self) -> float | None:
-        """Its own rate, averaged over what this process trained (measured epochs included); None until a tenth
-        of an epoch is done, when a few first batches would say little."""
+        """Its own rate: over its whole epochs once one is done (what an epoch costs with its measuring and
+        reporting), before that over the batches of the first; None until a tenth of an epoch is done."""
+        if self.cycle_epochs >= 1:
+            return self.cycle_s / self.cycle_epochs
         return self.run_s / self.run_epochs if self.run_epochs >= 0.1 else None

@@ -254,6 +254,7 @@ class CrossValidation:
         self._fit_from = 0  # the epoch it began from (a restored trial starts past 0)
         self._last_epoch_s: float | None = None
         self._in_epoch = False
+        self._cycles = (0.0, 0)  # (seconds, epochs) from the first epoch's start to the latest epoch's start
 
     def _fold_epoch(self, k: int, threads: int, measure: bool) -> dict[str, float]:
         if threads:
@@ -285,6 +286,7 @@ class CrossValidation:
         t0 = time.perf_counter()
         if self._fit_t0 is None:
             self._fit_t0, self._fit_from = t0, self.epoch
+        self._cycles = (t0 - self._fit_t0, self.epoch - self._fit_from)  # whole epochs: measuring, reporting too
         for ln in self.learners:
             ln.step = 0
         self._in_epoch = True
@@ -315,12 +317,15 @@ class CrossValidation:
         steps = sum(ln.steps_per_epoch for ln in self.learners)
         if self._fit_t0 is None:
             return TrialProgress(self.epoch + 1, self.cfg.epochs, 0, steps)
-        in_epoch = self._in_epoch  # between epochs the learners' counters still hold the last epoch's
-        step = sum(ln.step for ln in self.learners) if in_epoch else 0
+        if self._in_epoch:
+            epoch, step = self.epoch + 1, sum(ln.step for ln in self.learners)
+        else:  # between epochs (reporting, checkpointing): the last epoch's batches are all done
+            epoch, step = self.epoch, steps
         return TrialProgress(
-            epoch=min(self.epoch + 1, self.cfg.epochs), epochs=self.cfg.epochs, step=step, steps=steps,
-            epoch_s=self._last_epoch_s, run_s=time.perf_counter() - self._fit_t0,
-            run_epochs=self.epoch - self._fit_from + (step / steps if in_epoch and steps else 0.0),
+            epoch=epoch, epochs=self.cfg.epochs, step=step, steps=steps, epoch_s=self._last_epoch_s,
+            run_s=time.perf_counter() - self._fit_t0,
+            run_epochs=epoch - 1 - self._fit_from + (step / steps if steps else 1.0),
+            cycle_s=self._cycles[0], cycle_epochs=self._cycles[1],
         )
 
     def fit(self, on_epoch: EpochCallback | None = None) -> CVResult:

@@ -82,6 +82,7 @@ class ProgressLines(tune.Callback):
         self._terminal = terminal
         self.trials_dir = trials_dir  # where each trial's progress.json is (None: none is read)
         self.paces: dict[str, Pace] = {}  # every trial whose progress was seen, finished ones too
+        self.estimate: float | None = None  # the latest time-left figure, seconds
         self._bar: Any = None
         self._recount = False  # set when back from a pickle: count the finished trials at the next step
         self.done = 0
@@ -192,11 +193,12 @@ class ProgressLines(tune.Callback):
                          f"gap/acc {m['gap/acc']:+.3f}")
             parts.append(f"{t.trial_id} ({_params(t)}): {what}, {pace.age_s:.0f} s")
         pending = max(0, self.total - self.done - len(running))
-        est = time_left(paces, pending, self.slots, list(self.paces.values()))
+        starting = sum(t.status == "PENDING" for t in trials)  # created, waiting for a Ray worker
+        est = self.estimate = time_left(paces, pending, self.slots, list(self.paces.values()))
         left = f", about {self._clock(est)} left" if est is not None and self.done < self.total else ""
         # Counts and time left first: a terminal cuts the status line at its width.
         return (f"[progress {self._clock(now - self.t0)}] {self.done}/{self.total} done, {len(running)} running"
-                + left + (": " + "; ".join(parts) if parts else ""))
+                + (f", {starting} starting" if starting else "") + left + (": " + "; ".join(parts) if parts else ""))
 
     @staticmethod
     def _clock(s: float) -> str:

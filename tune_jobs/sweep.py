@@ -211,10 +211,7 @@ def start_ray(address: str | None) -> bool:
         return False
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     if address in (None, "local"):
-        # A private local Ray: token authentication on (Ray 2.60's default for a new local cluster) but said explicitly, which
-        # spares the "Token authentication is enabled for this Ray cluster" warning nobody has to act on.
-        # Joining the user's own cluster, Ray's own messages about its token stay: they are actionable there.
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        quiet_token_notice()
     ray.init(address=address or "local", include_dashboard=False, logging_level=logging.WARNING,
              log_to_driver=True, configure_logging=True)
     return True
@@ -237,6 +234,22 @@ class _RayNoise(logging.Filter):
         if record.name == "ray.tune.utils.util":
             return not ("took" in msg and "may be a performance bottleneck" in msg)
         return not msg.startswith("Experiment state snapshotting has been triggered multiple times")
+
+
+class _TokenNotice(logging.Filter):
+    """Drops Ray's "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out"
+    for the private local Ray a sweep starts itself: its token is made and used by Ray alone, nothing to do.
+    Joining the user's own cluster (--address), this filter is not installed: every Ray message about its token
+    (a missing or wrong token) is one the user acts on (cluster/README.md)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Token authentication is enabled for this Ray cluster")
+
+
+def quiet_token_notice() -> None:
+    lg = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, _TokenNotice) for f in lg.filters):
+        lg.addFilter(_TokenNotice())
 
 
 def quiet_ray_noise() -> None:
