@@ -94,6 +94,7 @@ class TrialProgress:
     epoch_s: float | None = None  # the last whole epoch's seconds (training, and measuring when it measured)
     run_s: float = 0.0  # seconds since this process's first epoch began (0 before it)
     run_epochs: float = 0.0  # epochs done since then, fractional (a restored trial counts from its checkpoint)
+    last_step_s: float = 0.0  # seconds from then to the latest batch (the time run_epochs took)
     cycle_s: float = 0.0  # seconds from the first epoch's start to the latest epoch's start
     cycle_epochs: int = 0  # whole epochs in cycle_s (training, measuring, reporting, checkpointing)
 
@@ -102,4 +103,4 @@ class TrialProgress:
         reporting), before that over the batches of the first; None until a tenth of an epoch is done."""
         if self.cycle_epochs >= 1:
             return self.cycle_s / self.cycle_epochs
-        return self.run_s / self.run_epochs if self.run_epochs >= 0.1 else None
+        return self.last_step_s / self.run_epochs if self.run_epochs >= 0.1 else None

@@ -147,6 +147,7 @@ class Learner:
         n = len(train_rows)  # batches per epoch: a last batch of one is skipped (BatchNorm)
         self.steps_per_epoch = n // cfg.batch_size + int(n % cfg.batch_size >= 2)
         self.step = 0  # batches done in the current epoch (read by CrossValidation.progress from another thread)
+        self.step_t = 0.0  # time.perf_counter() when the latest batch was handed to the device
         self.val_logits: torch.Tensor | None = None  # (n_val, classes) from the latest measure("val")
 
     def _autocast(self) -> Any:
@@ -176,7 +177,7 @@ class Learner:
             self.opt.step()
             total += loss.detach()  # no host synchronisation per step
             steps += 1
-            self.step = steps  # a Python int: no host synchronisation
+            self.step, self.step_t = steps, time.perf_counter()  # Python values: no host synchronisation
         if self.sched is not None:
             self.sched.step()
         return total / max(steps, 1)
@@ -324,6 +325,7 @@ class CrossValidation:
         return TrialProgress(
             epoch=epoch, epochs=self.cfg.epochs, step=step, steps=steps, epoch_s=self._last_epoch_s,
             run_s=time.perf_counter() - self._fit_t0,
+            last_step_s=max((ln.step_t for ln in self.learners), default=self._fit_t0) - self._fit_t0,
             run_epochs=epoch - 1 - self._fit_from + (step / steps if steps else 1.0),
             cycle_s=self._cycles[0], cycle_epochs=self._cycles[1],
         )
