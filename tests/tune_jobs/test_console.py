@@ -67,7 +67,7 @@ def test_a_sweep_prints_only_lines_a_user_can_act_on(tmp_path: Path, tiny_data_c
     assert sum(verdict in ln for ln in lines) == 1  # the held-out verdict, once
     for ln in lines:  # a running trial past its first 15 s says where it is inside its epoch
         if ln.startswith("[progress ") and ": " in ln:
-            for part in ln.split(": ", 1)[1].split("; "):
+            for part in re.split(r"; (?=\S+ \()", ln.split(": ", 1)[1]):  # one part per running trial
                 age = re.search(r", (\d+) s$", part)
                 if age and int(age.group(1)) > 15:
                     assert re.search(r"epoch \d+/\d+ step \d+/\d+", part), ln
