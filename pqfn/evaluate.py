@@ -292,8 +292,7 @@ def evaluate_holdout(
     write_bundle(out_dir / "bundle", cfg, model, priors=priors, prior_adjust=True, prior_strength=strength,
                  fingerprint=data_fingerprint(ds.subset(holdout.pool)), metrics=_bundle_metrics(metrics),
                  decode_size=decode_size, overwrite=True)
-    log(f"held-out: {metrics['verdict']}")
-    return metrics, pred
+    return metrics, pred  # the verdict is printed once, by the caller's summary
 
 
 def localisation(model: FoldEnsemble, ds: Dataset, rows: np.ndarray, train_rows: np.ndarray, resolution: int,

@@ -89,3 +89,27 @@ class SweepResult:
     evaluation: dict[str, Any] | None = None  # final/evaluation.json; None when disabled or nothing selected
     timing: dict[str, Any] = field(default_factory=dict)  # phases, summed trial time, slots, search efficiency
     audit: dict[str, Any] | None = None  # audit.json: hindsight, never used to select; None when disabled
+
+
+@dataclass
+class TrialProgress:
+    """Where a running trial is inside its epoch (CrossValidation.progress). Tune hears from a trial only at
+    its measured epochs (trial.eval_every); the console reads this in between."""
+
+    epoch: int  # the epoch in progress, 1-based (epochs done + 1; `epochs` once the last is done)
+    epochs: int
+    step: int  # batches done in this epoch, all folds together (a step: one batch of one fold model)
+    steps: int  # batches per epoch, all folds together
+    epoch_s: float | None = None  # the last whole epoch's seconds (training, and measuring when it measured)
+    run_s: float = 0.0  # seconds since this process's first epoch began (0 before it)
+    run_epochs: float = 0.0  # epochs done since then, fractional (a restored trial counts from its checkpoint)
+    last_step_s: float = 0.0  # seconds from then to the latest batch (the time run_epochs took)
+    cycle_s: float = 0.0  # seconds from the first epoch's start to the latest epoch's start
+    cycle_epochs: int = 0  # whole epochs in cycle_s (training, measuring, reporting, checkpointing)
+
+    def seconds_per_epoch(self) -> float | None:
+        """Its own rate: over its whole epochs once one is done (what an epoch costs with its measuring and
+        reporting), before that over the batches of the first; None until a tenth of an epoch is done."""
+        if self.cycle_epochs >= 1:
+            return self.cycle_s / self.cycle_epochs
+        return self.last_step_s / self.run_epochs if self.run_epochs >= 0.1 else None

@@ -29,6 +29,7 @@ from pqfn.ensemble import save_members
 from pqfn.errors import TrialError
 from pqfn.metrics import aggregate, aggregate_keys, class_metrics, versus_baseline, with_gaps
 from pqfn.model import build_model, check_model_name
+from pqfn.records import TrialProgress
 from pqfn.splits import Fold, build_pool, describe_pool, make_folds
 
 EpochCallback = Callable[[dict[str, float], "CrossValidation"], None]
@@ -145,6 +146,10 @@ class Learner:
             if cfg.schedule == "cosine" else None
         )
         self.gen = torch.Generator().manual_seed(seed)
+        n = len(train_rows)  # batches per epoch: a last batch of one is skipped (BatchNorm)
+        self.steps_per_epoch = n // cfg.batch_size + int(n % cfg.batch_size >= 2)
+        self.step = 0  # batches done in the current epoch (read by CrossValidation.progress from another thread)
+        self.step_t = 0.0  # time.perf_counter() when the latest batch was handed to the device
         self.val_logits: torch.Tensor | None = None  # (n_val, classes) from the latest measure("val")
 
     def _autocast(self) -> Any:
@@ -157,7 +162,7 @@ class Learner:
         n = len(self.train_rows)
         perm = self.train_rows[torch.randperm(n, generator=self.gen).to(self.train_rows.device)]
         total = torch.zeros((), device=self.device)
-        steps = 0
+        steps = self.step = 0
         for s in range(0, n, cfg.batch_size):
             rows = perm[s : s + cfg.batch_size]
             if len(rows) < 2:
@@ -174,6 +179,7 @@ class Learner:
             self.opt.step()
             total += loss.detach()  # no host synchronisation per step
             steps += 1
+            self.step, self.step_t = steps, time.perf_counter()  # Python values: no host synchronisation
         if self.sched is not None:
             self.sched.step()
         return total / max(steps, 1)
@@ -250,6 +256,11 @@ class CrossValidation:
         self.epoch = 0
         self._unmeasured_s = 0.0
         self.history: list[dict[str, float]] = []
+        self._fit_t0: float | None = None  # when this process's first epoch began (progress())
+        self._fit_from = 0  # the epoch it began from (a restored trial starts past 0)
+        self._last_epoch_s: float | None = None
+        self._in_epoch = False
+        self._cycles = (0.0, 0)  # (seconds, epochs) from the first epoch's start to the latest epoch's start
 
     def _fold_epoch(self, k: int, threads: int, measure: bool) -> dict[str, float]:
         if threads:
@@ -279,6 +290,12 @@ class CrossValidation:
     def run_epoch(self) -> dict[str, float] | None:
         """Train every fold one epoch; the record of a measured epoch, None for an unmeasured one."""
         t0 = time.perf_counter()
+        if self._fit_t0 is None:
+            self._fit_t0, self._fit_from = t0, self.epoch
+        self._cycles = (t0 - self._fit_t0, self.epoch - self._fit_from)  # whole epochs: measuring, reporting too
+        for ln in self.learners:
+            ln.step = 0
+        self._in_epoch = True
         folds = range(1, len(self.learners) + 1)
         measure = self.measured(self.epoch + 1)
         if self.workers > 1:
@@ -289,8 +306,10 @@ class CrossValidation:
                 per_fold = [f.result() for f in futures]
         else:
             per_fold = [self._fold_epoch(k, 0, measure) for k in folds]
+        self._last_epoch_s = time.perf_counter() - t0
         self.epoch += 1
-        self._unmeasured_s += time.perf_counter() - t0
+        self._in_epoch = False
+        self._unmeasured_s += self._last_epoch_s
         if not measure:
             return None
         rec = {"epoch": float(self.epoch)} | aggregate(per_fold)
@@ -299,6 +318,23 @@ class CrossValidation:
         self._unmeasured_s = 0.0
         self.history.append(rec)
         return rec
+
+    def progress(self) -> TrialProgress:
+        """Where the trial is inside its epoch: plain counters, safe to read from another thread while it trains."""
+        steps = sum(ln.steps_per_epoch for ln in self.learners)
+        if self._fit_t0 is None:
+            return TrialProgress(self.epoch + 1, self.cfg.epochs, 0, steps)
+        if self._in_epoch:
+            epoch, step = self.epoch + 1, sum(ln.step for ln in self.learners)
+        else:  # between epochs (reporting, checkpointing): the last epoch's batches are all done
+            epoch, step = self.epoch, steps
+        return TrialProgress(
+            epoch=epoch, epochs=self.cfg.epochs, step=step, steps=steps, epoch_s=self._last_epoch_s,
+            run_s=time.perf_counter() - self._fit_t0,
+            last_step_s=max((ln.step_t for ln in self.learners), default=self._fit_t0) - self._fit_t0,
+            run_epochs=epoch - 1 - self._fit_from + (step / steps if steps else 1.0),
+            cycle_s=self._cycles[0], cycle_epochs=self._cycles[1],
+        )
 
     def fit(self, on_epoch: EpochCallback | None = None) -> CVResult:
         """The one epoch loop (pqfn trial, the Tune adapter and pqfn evaluate all run it): train every fold

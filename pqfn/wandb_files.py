@@ -62,6 +62,19 @@ def records(path: Path) -> list[Any]:
 
 
 @dataclass
+class ArtifactUse:
+    """An Artifact record of a run: logged as its output, or (used) taken as its input."""
+
+    name: str
+    type: str
+    digest: str
+    used: bool  # use_artifact (online) or a draft logged use-after-commit (what pqfn writes offline)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    files: list[str] = field(default_factory=list)  # paths inside the Artifact
+    local_paths: list[str] = field(default_factory=list)  # where `wandb sync` reads them from
+
+
+@dataclass
 class OfflineRun:
     dir: Path
     id: str = ""
@@ -71,6 +84,7 @@ class OfflineRun:
     config: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
+    artifacts: list[ArtifactUse] = field(default_factory=list)
 
 
 def _items(items: Any) -> dict[str, Any]:
@@ -100,6 +114,13 @@ def read_run(path: Path) -> OfflineRun:
             run.history.append(_items(m.history.item))
         elif kind == "summary":
             run.summary.update(_items(m.summary.update))
+        elif kind == "artifact":
+            a = m.artifact
+            run.artifacts.append(ArtifactUse(
+                a.name, a.type, a.digest, a.use_after_commit, json.loads(a.metadata) if a.metadata else {},
+                [e.path for e in a.manifest.contents], [e.local_path for e in a.manifest.contents]))
+        elif kind == "use_artifact":
+            run.artifacts.append(ArtifactUse(m.use_artifact.name, m.use_artifact.type, "", True))
     return run
 
 

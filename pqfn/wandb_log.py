@@ -11,11 +11,19 @@ Offline, every start writes one more `offline-run-<time>-<trial id>` folder; `wa
 the folders of one id into that one run, in order. What an earlier start wrote is read back when
 the run starts (wandb_files.logged_steps): a restarted trial logs only the epochs W&B does not hold,
 replaying from its checkpoint those that a killed process logged but never wrote.
+
+Lineage (W&B Artifacts): data set -> trial runs -> trial Artifacts -> summary run -> model Artifact. The data set
+is a `dataset` Artifact holding its fingerprint only (<sweep>/wandb/dataset.json; the scans are never uploaded),
+used by every trial run and the summary run; each completed trial logs a small `trial` Artifact (its records),
+which the summary run uses; the summary run logs the final bundle as a `model` Artifact. Artifact files are
+added in place (policy "immutable"), so an offline sweep folder holds everything `wandb sync` uploads.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import time
 import warnings
 from collections.abc import Callable
@@ -23,14 +31,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from pqfn.bundle import BUNDLE_FILE, data_fingerprint
 from pqfn.config import Config
+from pqfn.data import Dataset
 from pqfn.errors import ConfigError
+from pqfn.io import atomic_write_text
 from pqfn.records import SweepResult, TrialOutcome
 from pqfn.report import trial_table
 from pqfn.wandb_files import logged_steps
 
 SERVICE_ENV = "WANDB_SERVICE"
 INIT_ATTEMPTS, INIT_WAIT_S = 5, 3.0  # up to 30 s of waiting for a run id still in use
+DATASET_FILE = "dataset.json"  # <sweep>/wandb/dataset.json: the content of the dataset Artifact
+TRIAL_FILE = "trial.json"  # <sweep>/trials/<id>/trial.json: the content of a trial Artifact
 
 
 def resolve_mode(cfg: Config) -> str:
@@ -169,6 +184,15 @@ def summary_run(cfg: Config, sdir: Path, rows: list[TrialOutcome], result: Sweep
         return
     import wandb
 
+    data_file = sweep_dir(cfg) / "wandb" / DATASET_FILE
+    data_name = None
+    if data_file.exists():
+        use_artifact(run, dataset_artifact(data_file))
+        data_name = json.loads(data_file.read_text())["name"]
+    for r in rows:
+        art = trial_artifact(cfg, sdir / "trials" / r.trial_id)
+        if art is not None:
+            use_artifact(run, art)
     cols, flat = trial_table(rows)
     run.log({"trials": wandb.Table(columns=list[Any](cols), data=[[r.get(c, "") for c in cols] for r in flat])})
     sel = result.selection
@@ -199,14 +223,14 @@ def summary_run(cfg: Config, sdir: Path, rows: list[TrialOutcome], result: Sweep
         run.summary["heldout/prior_strength"] = ev["prior_correction"]["strength"]
         run.summary["heldout/verdict"] = ev["verdict"]
         # Intervals (package bootstrap) and the cheap baselines: heldout/<model>/<metric>/{value,lo,hi}
-        rows = [["CNN", k, v["value"], v["lo"], v["hi"]] for k, v in ev.get("intervals", {}).items()]
+        iv_rows = [["CNN", k, v["value"], v["lo"], v["hi"]] for k, v in ev.get("intervals", {}).items()]
         for name, c in ev.get("cheap_baselines", {}).items():
-            rows += [[name, k, v["value"], v["lo"], v["hi"]] for k, v in c["intervals"].items()]
+            iv_rows += [[name, k, v["value"], v["lo"], v["hi"]] for k, v in c["intervals"].items()]
             run.summary[f"heldout/cheap/{name}/balanced_accuracy"] = c["balanced_accuracy"]
             run.summary[f"heldout/cheap/{name}/macro_f1"] = c["macro_f1"]
         vb = ev.get("versus_baseline")
         if vb:
-            rows += [[f"CNN minus {vb['baseline']}", k, v["value"], v["lo"], v["hi"]] for k, v in vb["difference"].items()]
+            iv_rows += [[f"CNN minus {vb['baseline']}", k, v["value"], v["lo"], v["hi"]] for k, v in vb["difference"].items()]
             run.summary["heldout/versus_baseline/outcome"] = vb["outcome"]
             for k, v in vb["difference"].items():
                 run.summary[f"heldout/versus_baseline/{k}"] = v["value"]
@@ -215,9 +239,9 @@ def summary_run(cfg: Config, sdir: Path, rows: list[TrialOutcome], result: Sweep
         lb = ev.get("localisation_baselines")
         if lb:
             for name in ("gradcam", "brightest_pixel", "fixed_location"):
-                rows += [[f"localisation {name}", f"peak_hit_{c}", v["value"], v["lo"], v["hi"]] for c, v in lb[name].items()]
-        if rows:
-            run.log({"heldout/intervals": wandb.Table(columns=["model", "metric", "value", "lo", "hi"], data=rows)})
+                iv_rows += [[f"localisation {name}", f"peak_hit_{c}", v["value"], v["lo"], v["hi"]] for c, v in lb[name].items()]
+        if iv_rows:
+            run.log({"heldout/intervals": wandb.Table(columns=["model", "metric", "value", "lo", "hi"], data=iv_rows)})
         per = ev["per_class"]
         run.log({"heldout/per_class": wandb.Table(
             columns=["class", "precision", "recall", "f1", "support"],
@@ -238,8 +262,98 @@ def summary_run(cfg: Config, sdir: Path, rows: list[TrialOutcome], result: Sweep
             columns=["trial_id", "params", f"cv {au['metric']}", f"held-out {key}", "lo", "hi", "verdict"],
             data=[[t["trial_id"], str(t["params"]), t[f"cv {au['metric']}"], t["held_out"][key]["value"],
                    t["held_out"][key]["lo"], t["held_out"][key]["hi"], t["verdict"]] for t in done])})
+    bundle = sdir / "final" / "bundle"
+    if ev and sel.selected is not None and (bundle / BUNDLE_FILE).exists():
+        run.log_artifact(model_artifact(cfg, bundle, sel.selected, ev, data_name))
     for k, v in result.timing.get("phases_s", {}).items():
         run.summary[f"time/{k}_s"] = v
     if result.timing:
         run.summary["time/search_efficiency"] = result.timing["search_efficiency"]
     run.finish()
+
+
+# ------------------------------------------------------------------ Artifacts (lineage)
+def _artifact_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-.") or "data"
+
+
+def write_dataset_file(cfg: Config, data: Dataset, pool: np.ndarray) -> Path | None:
+    """The data set as the dataset Artifact records it: fingerprints and counts, never the scans. Written by
+    the driver before the search (None when W&B is disabled); an unchanged file is not rewritten, so its
+    digest, and so the Artifact version, stays the same across runs and sweeps on the same data."""
+    if resolve_mode(cfg) == "disabled":
+        return None
+    info = {
+        "name": "data-" + _artifact_name(Path(cfg.data.path).name),
+        "source": cfg.data.source, "path": str(cfg.data.path), "decode_size": cfg.data.decode_size,
+        "fingerprint": data_fingerprint(data),  # every decoded image, label and package id
+        "pool_fingerprint": data_fingerprint(data.subset(pool)),  # the rows trials train on (= the bundle's)
+        "images": len(data), "packages": len(set(data.package_ids.tolist())),
+        "pool_images": len(pool), "test_images": len(data) - len(pool),
+    }
+    path = sweep_dir(cfg) / "wandb" / DATASET_FILE
+    text = json.dumps(info, indent=2, sort_keys=True) + "\n"
+    if not (path.exists() and path.read_text() == text):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, text)
+    return path
+
+
+def use_artifact(run: Any, artifact: Any) -> None:
+    """Record that `run` used `artifact`, a draft built here from local files (W&B's lineage edge artifact -> run).
+
+    Online this is run.use_artifact. Offline, wandb refuses use_artifact for any artifact; what it does online
+    for a draft (log it flagged use-after-commit: created if new, then marked as used by the run) is written to
+    the offline file instead, for `wandb sync` to replay. The same files give the same digest, so every run
+    that uses one data set file uses one Artifact version.
+    """
+    if run.offline:
+        run._log_artifact(artifact, is_user_created=True, use_after_commit=True)
+    else:
+        run.use_artifact(artifact)
+
+
+def _file_artifact(name: str, kind: str, files: list[Path], root: Path, metadata: dict[str, Any]) -> Any:
+    import wandb
+
+    art = wandb.Artifact(name, type=kind, metadata=metadata)
+    for f in files:
+        art.add_file(str(f), name=f.relative_to(root).as_posix(), policy="immutable")  # no copy: read in place
+    return art
+
+
+def dataset_artifact(path: Path) -> Any:
+    info = json.loads(path.read_text())
+    return _file_artifact(info["name"], "dataset", [path], path.parent, {k: v for k, v in info.items() if k != "name"})
+
+
+def trial_artifact(cfg: Config, folder: Path) -> Any | None:
+    """A completed trial's records (trial.json) as a small `trial` Artifact; None when the trial did not finish."""
+    path = folder / TRIAL_FILE
+    if not path.exists():
+        return None
+    info = json.loads(path.read_text())
+    return _file_artifact(_artifact_name(f"{cfg.name}-trial-{info['trial_id']}"), "trial", [path], folder,
+                          {"trial_id": info["trial_id"], "params": info["params"], "final": info["history"][-1]})
+
+
+def write_trial_file(folder: Path, trial_id: str, params: dict[str, Any], history: list[dict[str, float]]) -> Path:
+    path = folder / TRIAL_FILE
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps({"trial_id": trial_id, "params": params, "history": history}, indent=2) + "\n")
+    return path
+
+
+def model_artifact(cfg: Config, bundle: Path, selected: dict[str, Any], evaluation: dict[str, Any],
+                   dataset: str | None) -> Any:
+    """The final bundle as a `model` Artifact. Metadata: the selected parameters, the held-out evaluation as
+    final/evaluation.json holds it (figures, intervals, baselines; its per-group tables left out), the data
+    fingerprint and package versions from bundle.json."""
+    info = json.loads((bundle / BUNDLE_FILE).read_text())
+    heldout = {k: v for k, v in evaluation.items()
+               if not (isinstance(v, list) and v and isinstance(v[0], dict))}  # tables: in evaluation.json
+    meta = {"sweep": cfg.name, "trial_id": selected["trial_id"], "params": selected["params"],
+            "data_fingerprint": info.get("data_fingerprint"), "dataset": dataset, "versions": info.get("versions"),
+            "heldout": heldout}
+    files = sorted(f for f in bundle.rglob("*") if f.is_file())
+    return _file_artifact(_artifact_name(f"{cfg.name}-model"), "model", files, bundle, meta)

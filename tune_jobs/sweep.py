@@ -213,6 +213,8 @@ def start_ray(address: str | None) -> bool:
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    if address in (None, "local"):
+        quiet_token_notice()
     ray.init(address=address or "local", include_dashboard=False, logging_level=logging.WARNING,
              log_to_driver=True, configure_logging=True)
     return True
@@ -237,10 +239,27 @@ class _RayNoise(logging.Filter):
         return not msg.startswith("Experiment state snapshotting has been triggered multiple times")
 
 
+class _TokenNotice(logging.Filter):
+    """Drops Ray's "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out"
+    for the private local Ray a sweep starts itself: its token is made and used by Ray alone, nothing to do.
+    Joining the user's own cluster (--address), this filter is not installed: every Ray message about its token
+    (a missing or wrong token) is one the user acts on (cluster/README.md)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Token authentication is enabled for this Ray cluster")
+
+
+def quiet_token_notice() -> None:
+    lg = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, _TokenNotice) for f in lg.filters):
+        lg.addFilter(_TokenNotice())
+
+
 def quiet_ray_noise() -> None:
     """Install _RayNoise where those warnings are logged (a filter on a logger sees only its own records)."""
     # The snapshot warning can also be switched off by its threshold (read when Tune builds its state).
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created in RDB with name: ..."
     for name in ("ray.tune.utils.util", "ray.tune.execution.experiment_state"):
         lg = logging.getLogger(name)
         if not any(isinstance(f, _RayNoise) for f in lg.filters):
@@ -347,7 +366,8 @@ def build_tuner(cfg: Config, sdir: Path, state: dict[str, Any], trainable: Any) 
         param_space = {PARAMS: tune.grid_search(grid_points(cfg))}
         tune_config = tune.TuneConfig(scheduler=scheduler, num_samples=s.num_samples, max_concurrent_trials=s.max_concurrent)
     run_config = tune.RunConfig(
-        name="tune", storage_path=str(sdir), callbacks=[ProgressLines(total_trials(cfg), trial_slots(cfg), cfg.search.progress_every_s)],
+        name="tune", storage_path=str(sdir), callbacks=[ProgressLines(total_trials(cfg), trial_slots(cfg), cfg.search.progress_every_s,
+                                                        trials_dir=sdir / "trials")],
         failure_config=tune.FailureConfig(max_failures=s.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         verbose=0,

@@ -4,13 +4,21 @@ Every search type hands the trainable the same shape: {"overrides": {dotted key:
 points from Tune's grid_search, Optuna suggestions wrapped by HonestOptunaSearch.suggest).
 The decoded data set arrives through the object store (tune.with_parameters), read-only, once per
 node; it is never re-read from disk per trial or per fold.
+
+Tune hears from a trial only at its measured epochs; in between, the trial's progress inside its epoch
+(CrossValidation.progress) is rewritten every PROGRESS_EVERY_S into <trial folder>/progress.json, a side
+channel that the driver's console reads (tune_jobs/progress.py).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
+import threading
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +32,22 @@ from pqfn.data import Dataset
 from pqfn.errors import TrialError
 from pqfn.io import load_checkpoint
 from pqfn.metrics import process_memory_mb
+from pqfn.records import TrialProgress
 from pqfn.selection import search_objective
 from pqfn.trial import CrossValidation
-from pqfn.wandb_log import trial_run
+from pqfn.wandb_log import (
+    dataset_artifact,
+    trial_artifact,
+    trial_run,
+    use_artifact,
+    write_dataset_file,
+    write_trial_file,
+)
 
 STATE_FILE = "trial_state.pt"
 PARAMS = "overrides"  # the one key under which every search type passes a trial's parameters
+PROGRESS_FILE = "progress.json"
+PROGRESS_EVERY_S = 1.0
 
 
 def params_of(config: dict[str, Any]) -> dict[str, Any]:
@@ -42,7 +60,48 @@ def trial_folder(cfg: Config, trial_id: str) -> Path:
     return cfg.output_dir / cfg.name / "trials" / trial_id
 
 
-def run_trial(config: dict[str, Any], *, base: Config, data: Dataset, pool: np.ndarray, cpus: float) -> None:
+def read_progress(folder: Path) -> TrialProgress | None:
+    """A running trial's latest progress record; None before its first (or when unreadable: it is rewritten)."""
+    try:
+        return TrialProgress(**json.loads((folder / PROGRESS_FILE).read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+class ProgressWriter:
+    """Rewrites <folder>/progress.json every PROGRESS_EVERY_S from a daemon thread (atomically: the driver never
+    reads half a file). The trial only counts batches; nothing here touches the device."""
+
+    def __init__(self, folder: Path, source: Callable[[], TrialProgress], every_s: float = PROGRESS_EVERY_S) -> None:
+        self.path, self.source, self.every_s = folder / PROGRESS_FILE, source, every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pqfn-progress", daemon=True)
+
+    def _run(self) -> None:
+        last = ""
+        while True:
+            text = json.dumps(asdict(self.source()))
+            if text != last:
+                tmp = self.path.with_name(f".{PROGRESS_FILE}.tmp")
+                tmp.write_text(text)
+                tmp.replace(self.path)
+                last = text
+            if self._stop.wait(self.every_s):
+                return
+
+    def __enter__(self) -> ProgressWriter:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.path.unlink(missing_ok=True)  # a finished trial's progress is its last report
+
+
+def run_trial(config: dict[str, Any], *, base: Config, data: Dataset, pool: np.ndarray, cpus: float,
+              dataset_file: Path | None = None) -> None:
     """A function trainable. It must not return a value (Tune would report it as an extra result)."""
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # no "Checkpoint successfully created" per epoch
     params = params_of(config)
@@ -52,6 +111,8 @@ def run_trial(config: dict[str, Any], *, base: Config, data: Dataset, pool: np.n
     every = cfg.search.checkpoint_every
     ctx = tune.get_context()
     trial_id = ctx.get_trial_id()
+    folder = trial_folder(cfg, trial_id)
+    (folder / PROGRESS_FILE).unlink(missing_ok=True)  # an earlier start's: not this one's progress
 
     cv = CrossValidation(tc, data, pool)
     restored_from = 0.0
@@ -76,6 +137,8 @@ def run_trial(config: dict[str, Any], *, base: Config, data: Dataset, pool: np.n
     # epochs that W&B lost with a killed process are logged again from the checkpoint's history.
     run = trial_run(cfg, params, trial_name=ctx.get_trial_name(), trial_id=trial_id)
     if run is not None:
+        if dataset_file is not None:
+            use_artifact(run.run, dataset_artifact(dataset_file))  # lineage: data set -> this trial
         run.replay(cv.history, shape)
     # Checkpoint once checkpoint_every epochs have passed since the last one: records (and so checkpoints)
     # come only at measured epochs (trial.eval_every), which need not be multiples of checkpoint_every.
@@ -87,7 +150,10 @@ def run_trial(config: dict[str, Any], *, base: Config, data: Dataset, pool: np.n
             run.log(out, step=int(rec["epoch"]))
         last = cv.epoch >= tc.epochs
         if last:
-            cv.save_models(trial_folder(cfg, trial_id))  # before the last report: the driver may end the sweep
+            cv.save_models(folder)  # before the last report: the driver may end the sweep
+            write_trial_file(folder, trial_id, params, cv.history)
+            if run is not None:
+                run.run.log_artifact(trial_artifact(cfg, folder))  # lineage: this trial -> the summary run
         if not last and cv.epoch - saved_at[0] >= every:
             saved_at[0] = cv.epoch
             with tempfile.TemporaryDirectory() as d:
@@ -97,7 +163,8 @@ def run_trial(config: dict[str, Any], *, base: Config, data: Dataset, pool: np.n
             tune.report(out)
 
     try:
-        cv.fit(on_epoch)
+        with ProgressWriter(folder, cv.progress):
+            cv.fit(on_epoch)
     finally:
         if run is not None:
             import wandb
@@ -115,5 +182,6 @@ def resources(cfg: Config) -> dict[str, float]:
 
 def make_trainable(cfg: Config, data: Dataset, pool: np.ndarray) -> Any:
     res = resources(cfg)
-    fn = tune.with_parameters(run_trial, base=cfg, data=data, pool=pool, cpus=res["cpu"])
+    dataset_file = write_dataset_file(cfg, data, pool)  # once, in the driver: what every run's dataset Artifact holds
+    fn = tune.with_parameters(run_trial, base=cfg, data=data, pool=pool, cpus=res["cpu"], dataset_file=dataset_file)
     return tune.with_resources(fn, res)

@@ -196,3 +196,28 @@ def test_seeded_trial_is_pinned(tiny_ds: Dataset, pool: np.ndarray) -> None:
         assert rec[k] == pytest.approx(v, rel=2e-3), k
     assert rec["train/acc"] == pytest.approx(0.3137255012989044, abs=2 * train_img + 1e-6)
     assert rec["val/acc"] == pytest.approx(0.34705883264541626, abs=2 * val_img + 1e-6)
+
+
+def test_progress_inside_an_epoch_without_ray(tiny_ds: Dataset, pool: np.ndarray) -> None:
+    """CrossValidation.progress: epoch and batch counters a caller can read while the trial trains (the Tune
+    adapter writes them to progress.json from a thread); unmeasured epochs count too."""
+    cv = CrossValidation(TrialConfig(**(TINY | {"epochs": 3, "eval_every": 2})), tiny_ds, pool)
+    steps = sum(-(-len(f.train) // 8) for f in cv.folds)  # batches of 8 (no fold here leaves a batch of one)
+    p = cv.progress()
+    assert (p.epoch, p.epochs, p.step, p.steps, p.seconds_per_epoch()) == (1, 3, 0, steps, None)
+    inside: list[tuple[int, int]] = []
+    train_epoch = cv.learners[1].train_epoch
+
+    def spy() -> torch.Tensor:  # the second fold starts: the first fold's batches of this epoch are done
+        q = cv.progress()
+        inside.append((q.epoch, q.step))
+        return train_epoch()
+
+    cv.learners[1].train_epoch = spy  # type: ignore[method-assign]
+    between: list[tuple[int, int, int]] = []
+    cv.fit(lambda rec, cv: between.append((cv.progress().epoch, cv.progress().step, cv.progress().cycle_epochs)))
+    assert inside == [(1, cv.learners[0].steps_per_epoch), (2, cv.learners[0].steps_per_epoch),
+                      (3, cv.learners[0].steps_per_epoch)]
+    assert between == [(2, steps, 1), (3, steps, 2)]  # reported at the measured epochs 2 and 3
+    p = cv.progress()
+    assert p.run_epochs == 3 and p.epoch_s is not None and p.seconds_per_epoch() is not None

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import io
+import json
 import pickle
 import time
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from tune_jobs.progress import ProgressLines
+from tune_jobs.progress import Pace, ProgressLines, time_left
 
 
 def _trial(tid: str, status: str, result: dict[str, Any] | None) -> Any:
@@ -28,8 +30,8 @@ def test_progress_line_every_interval_with_running_trials_and_time_left() -> Non
     assert len(lines) == 1
     line = lines[0]
     assert line.startswith("[progress ") and "0/4 done, 2 running" in line
-    assert "a (resolution=64): epoch 5/10, val/bal_acc 0.500" in line and "b (resolution=64): starting" in line
-    assert "left" in line  # 4 trials x ~120 s on 2 slots, minus what is already spent
+    assert "a (resolution=64): epoch 5/10 done; at epoch 5 val/bal_acc 0.500" in line and "b (resolution=64): preparing" in line
+    assert "about 4:00 left" in line  # a: 5 epochs x 12 s, then 2 more x 120 s; b: 120 s (a's rate)
     assert line.index("left") < line.index("a (resolution=64)")  # before the details a terminal may cut
     done = _trial("a", "TERMINATED", {"epoch": 10, "epochs": 10, "val/bal_acc": 0.6, "val/min_recall": 0.3, "gap/acc": 0.1})
     p.on_trial_complete(2, [], done)
@@ -81,3 +83,65 @@ def test_back_from_a_pickle_the_clock_restarts_and_finished_trials_are_counted()
     done = _trial("a", "TERMINATED", {"epoch": 2, "epochs": 2})
     q.on_step_begin(1, [done, _trial("b", "RUNNING", None), _trial("c", "PENDING", None)])
     assert lines[0].startswith("[progress 0:00] 1/3 done, 1 running")
+
+
+def _simulate(rates: list[float], slots: int, setup: float, epochs: int, steps: int, tmp: Path) -> list[tuple[float, float]]:
+    """A sweep on a fake clock: trial k needs `setup` s, then epochs at rates[k] s each, and starts when a slot
+    frees. Each tick, every running trial's progress.json is written as the trial would, and the console's
+    estimate is compared with the time that actually remained. Returns (estimate, truth) per tick."""
+    free = [0.0] * slots
+    start, end = [], []
+    for r in rates:
+        s = min(free)
+        free[free.index(s)] = s + setup + epochs * r
+        start.append(s)
+        end.append(s + setup + epochs * r)
+    p = ProgressLines(total=len(rates), slots=slots, interval=0.0, out=lambda s, flush=False: None, trials_dir=tmp)
+    out = []
+    t = 0.0
+    while t < max(end):
+        trials = []
+        for k, r in enumerate(rates):
+            tid = f"t{k}"
+            if t < start[k]:
+                continue
+            if t >= end[k]:
+                if p.started.get(tid) is not None:
+                    p.on_trial_complete(0, [], _trial(tid, "TERMINATED", {"epoch": epochs, "epochs": epochs}))
+                continue
+            p.started.setdefault(tid, start[k])
+            (tmp / tid).mkdir(parents=True, exist_ok=True)
+            ran = t - start[k] - setup
+            if ran >= 0:
+                e = int(ran // r)
+                step = int((ran - e * r) / r * steps)
+                prog = {"epoch": e + 1, "epochs": epochs, "step": step, "steps": steps, "epoch_s": r if e else None,
+                        "run_s": ran, "run_epochs": e + step / steps,
+                        "last_step_s": (e + step / steps) * r, "cycle_s": e * r, "cycle_epochs": e}
+                (tmp / tid / "progress.json").write_text(json.dumps(prog))
+            trials.append(_trial(tid, "RUNNING", None))
+        p.status(trials, t)
+        if p.estimate is not None:
+            out.append((p.estimate, max(end) - t))
+        t += 1.0
+    return out
+
+
+def test_time_left_falls_steadily_and_stays_within_1_5x_of_the_truth(tmp_path: Path) -> None:
+    """The README's main job's shape (4 trials on 2 slots, 12 epochs, a few seconds of set-up), on a fake clock.
+    Steady rates: from its first figure on the estimate never grows and never exceeds the truth by more than
+    1.5x. Unequal rates (two sizes of trial): still within 1.5x."""
+    steady = _simulate([12.0] * 4, slots=2, setup=8.0, epochs=12, steps=39, tmp=tmp_path / "steady")
+    assert steady and steady[0][1] > 250  # a first figure within the first epoch of the first trials
+    for (e0, _), (e1, _) in zip(steady, steady[1:], strict=False):
+        assert e1 <= e0 + 1e-6
+    assert all(est <= 1.5 * truth + 1.0 for est, truth in steady)
+    mixed = _simulate([12.0, 8.0, 12.0, 8.0], slots=2, setup=8.0, epochs=12, steps=39, tmp=tmp_path / "mixed")
+    assert all(est <= 1.5 * truth + 1.0 for est, truth in mixed)
+
+
+def test_time_left_by_hand() -> None:
+    running = [Pace(age_s=30, epochs=10, done=2.0, rate=10.0, setup_s=10.0), Pace(age_s=2, epochs=10)]
+    # first: 8 epochs x 10 s = 80 s; second: 8 s more set-up, then 10 x 10 s = 108 s; a pending one follows the first
+    assert time_left(running, pending=1, slots=2, seen=running) == 80 + 10 + 100
+    assert time_left([Pace(age_s=5, epochs=10)], pending=3, slots=2, seen=[]) is None  # no rate yet: no figure

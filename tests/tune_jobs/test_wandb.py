@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -110,3 +112,45 @@ def test_online_without_key_fails_before_training(tmp_path: Path, tiny_data_cfg:
         run_sweep(cfg, log=lambda *a: None)
     assert not (tmp_path / "runs/online").exists()
     assert "WANDB_API_KEY" not in os.environ
+
+
+def test_artifacts_lineage_data_trials_sweep_model(tmp_path: Path, tiny_data_cfg: DataConfig, ray_local: None) -> None:
+    """Offline: the data set's fingerprint is a dataset Artifact that every trial run and the summary run use;
+    each completed trial logs a trial Artifact that the summary run uses; the summary run logs the bundle as a
+    model Artifact. All files are read in place from the sweep folder, for `wandb sync`."""
+    cfg = load_config(sweep_yaml(tmp_path, tiny_data_cfg, "lin", (
+        "search:\n  type: grid\n  space: {trial.resolution: {choice: [32, 40]}}\n"
+        "wandb: {mode: offline, project: pqfn-test}\n")))
+    s = run_sweep(cfg, log=lambda *a: None)
+    sweep = tmp_path / "runs/lin"
+    runs = offline_runs(sweep)
+    trials = [r for r in runs if r.job_type == "trial"]
+    summary = next(r for r in runs if r.job_type == "sweep-summary")
+    data_file = json.loads((sweep / "wandb/dataset.json").read_text())
+    assert data_file["fingerprint"].startswith("sha256:") and data_file["name"] == "data-synthetic"
+    # data -> trials, data -> summary: one dataset (same digest), used, never its scans
+    used_data = [a for r in [*trials, summary] for a in r.artifacts if a.type == "dataset"]
+    assert len(used_data) == 3 and all(a.used for a in used_data)
+    assert len({a.digest for a in used_data}) == 1 and used_data[0].files == ["dataset.json"]
+    assert used_data[0].metadata["fingerprint"] == data_file["fingerprint"]
+    # trials -> summary: each trial logs its trial Artifact, the summary uses the same (same digest)
+    logged = {a.name: a.digest for r in trials for a in r.artifacts if a.type == "trial" and not a.used}
+    taken = {a.name: a.digest for a in summary.artifacts if a.type == "trial" and a.used}
+    assert len(logged) == 2 and taken == logged
+    # summary -> model: the bundle, with the selection, held-out figures, data fingerprint and versions
+    model = [a for a in summary.artifacts if a.type == "model"]
+    assert len(model) == 1 and not model[0].used and model[0].name == "lin-model"
+    meta = model[0].metadata
+    assert s.selection.selected is not None and s.evaluation is not None
+    assert meta["params"] == s.selection.selected["params"] and meta["trial_id"] == s.selection.selected["trial_id"]
+    assert meta["heldout"]["accuracy"] == s.evaluation["accuracy"] and "verdict" in meta["heldout"]
+    assert meta["data_fingerprint"] == data_file["pool_fingerprint"] and "torch" in meta["versions"]
+    assert "bundle.json" in model[0].files
+    for a in [*used_data, *model]:  # in place under the sweep folder (policy immutable): `wandb sync` finds them
+        assert all(Path(p).is_relative_to(sweep) and Path(p).is_file() for p in a.local_paths)
+    # `wandb sync --dry-run` lists every run folder as one to upload
+    folders = sorted(str(p) for p in (sweep / "wandb").glob("offline-run-*"))
+    out = subprocess.run([str(Path(sys.executable).parent / "wandb"), "sync", "--dry-run", *folders],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert f"Would sync {len(folders)} run(s)" in out.stdout + out.stderr and len(folders) == 3
