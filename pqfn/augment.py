@@ -9,9 +9,11 @@ import torch.nn.functional as F
 
 
 def augment_batch(
-    x: torch.Tensor, gen: torch.Generator, rotation_deg: float, contrast: float, hflip: bool = False
+    x: torch.Tensor, gen: torch.Generator, rotation_deg: float, contrast: float, hflip: bool = False,
+    gain: float = 0.0,
 ) -> torch.Tensor:
-    """x: (B, 1, H, W) float in [0, 1] -> same shape, each image rotated and contrast-scaled at random.
+    """x: (B, 1, H, W) float in [0, 1] -> same shape, each image rotated, contrast-scaled and (gain > 0) multiplied
+    by a gain factor at random (a scanner's gain drifts between sessions).
 
     Random numbers come from `gen` (a CPU generator, so results do not depend on the device).
     """
@@ -30,4 +32,7 @@ def augment_batch(
         factor = (1 - contrast + 2 * contrast * u[:, 1]).view(b, 1, 1, 1)
         mean = x.mean(dim=(1, 2, 3), keepdim=True)
         x = ((x - mean) * factor + mean).clamp_(0, 1)
+    if gain > 0:  # its own draw, so the other augmentations' random numbers are those of a run without it
+        g = (1 - gain + 2 * gain * torch.rand(b, generator=gen)).to(x.device, x.dtype).view(b, 1, 1, 1)
+        x = (x * g).clamp_(0, 1)
     return x

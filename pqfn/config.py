@@ -101,6 +101,8 @@ class AugmentConfig(_Strict):
     rotation_deg: float = Field(15.0, ge=0, le=180)  # uniform in [-rotation_deg, +rotation_deg]
     contrast: float = Field(0.2, ge=0, lt=1)  # contrast factor uniform in [1 - c, 1 + c]
     hflip: bool = False
+    # gain factor uniform in [1 - g, 1 + g] (scan-session gain drift); 0 = off
+    gain: float = Field(0.0, ge=0, lt=1)
 
 
 class TrialConfig(_Strict):
