@@ -60,8 +60,35 @@ def granted_device(requested: str) -> torch.device:
     if device.type == "cuda":
         share = float(ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0))
         if 0 < share < 1:
-            torch.cuda.set_per_process_memory_fraction(share, device)
+            # 10 % of the GPU stays outside the caps: each process's CUDA context (~0.5 GiB) is not counted in them.
+            torch.cuda.set_per_process_memory_fraction(share * GPU_MEMORY_CAPPED, device)
     return device
+
+
+GPU_MEMORY_CAPPED = 0.9
+
+
+def trials_per_node(cpus_per_trial: float, gpus_per_trial: float, node_cpus: float, node_gpus: float) -> int:
+    """How many trials Ray can place on one node: its CPUs over a trial's, and its GPUs over a trial's share."""
+    fits = int(node_cpus // cpus_per_trial + 1e-9)
+    if gpus_per_trial > 0:
+        fits = min(fits, int(node_gpus // gpus_per_trial + 1e-9))
+    return fits
+
+
+def packing_note(cpus_per_trial: float, gpus_per_trial: float, nodes: list[dict[str, float]]) -> str | None:
+    """A line when the CPUs a trial asks for leave a GPU node's GPU share unused (e.g. 4 CPUs a trial on an
+    8-CPU node with 1 GPU fits 2 trials, while gpus_per_trial=0.25 promises 4), else None."""
+    for res in nodes:
+        cpu, gpu = float(res.get("CPU", 0)), float(res.get("GPU", 0))
+        if gpu <= 0 or gpus_per_trial <= 0:
+            continue
+        fits, promised = trials_per_node(cpus_per_trial, gpus_per_trial, cpu, gpu), int(gpu // gpus_per_trial + 1e-9)
+        if fits < promised:
+            return (f"resources: a node with {cpu:g} CPUs and {gpu:g} GPU(s) fits {fits} trial(s) of "
+                    f"cpus_per_trial={cpus_per_trial:g}, while gpus_per_trial={gpus_per_trial:g} would fit {promised}: "
+                    f"set resources.cpus_per_trial={cpu * gpus_per_trial / gpu:g} to use its GPUs fully")
+    return None
 
 
 CHECKPOINT_COST_RATIO = 20.0  # checkpoint_every=auto on a GPU: train >= 20x the last write between checkpoints
@@ -202,6 +229,9 @@ def resources(cfg: Config, log: Callable[..., None] = print) -> dict[str, float]
     if device == "cpu" and gpus > 0:
         raise PqfnError(f"trial.device=cpu but resources.gpus_per_trial={gpus:g}: the granted GPUs would sit idle; "
                         "set resources.gpus_per_trial=0, or trial.device=auto")
+    note = packing_note(cfg.resources.cpus_per_trial, gpus, [n["Resources"] for n in ray.nodes() if n["Alive"]])
+    if note:
+        log(note)
     return {"cpu": cfg.resources.cpus_per_trial, "gpu": gpus}
 
 

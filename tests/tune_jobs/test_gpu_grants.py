@@ -155,3 +155,14 @@ def test_http_address_to_sweep_points_at_submit(tmp_path: Path, tiny_data_cfg: D
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "pqfn submit" in err and "Traceback" not in err, err
     assert not (tmp_path / "runs").exists()  # refused before the sweep folder was created
+
+
+def test_a_node_that_does_not_see_the_sweep_folder_refuses(tmp_path: Path, tiny_data_cfg: DataConfig) -> None:
+    """A worker whose output_dir is a local folder (not the driver's) stops its trial with one line."""
+    cfg = load_config(sweep_yaml(tmp_path, tiny_data_cfg, "local", ""))
+    with pytest.raises(TrialError, match="does not see the sweep folder") as e:
+        trainable.check_shared(cfg)
+    assert "\n" not in str(e.value)
+    (cfg.output_dir / cfg.name).mkdir(parents=True)
+    (cfg.output_dir / cfg.name / "sweep.json").write_text("{}")
+    trainable.check_shared(cfg)
