@@ -126,13 +126,15 @@ def test_gpu_trials_get_disjoint_gpus_and_refuse_without_cuda(tmp_path: Path, ti
 
 
 def test_fractional_gpus_pack_trials_on_one_gpu(tmp_path: Path, tiny_data_cfg: DataConfig, tiny_ds: Dataset,
-                                                ray_gpus: None) -> None:
+                                                ray_gpus: None, capfd: pytest.CaptureFixture[str]) -> None:
     """gpus_per_trial=0.5: the issue's reproduction (both trials used to finish on the CPU, exit 0)."""
     cfg = load_config(sweep_yaml(tmp_path, tiny_data_cfg, "half", GRID2 + "evaluate: {enabled: false}\n"
                                  "wandb: {mode: disabled}\nresources: {gpus_per_trial: 0.5}\n"), ["trial.device=auto"])
     run_sweep(cfg, log=lambda *a: None)
     errors = [r["error"] for r in _rows(tmp_path / "runs/half")]
     assert len(errors) == 2 and all("refusing to train on the CPU" in e for e in errors), errors
+    failed = [ln for ln in capfd.readouterr().out.splitlines() if "FAILED" in ln]  # the console says why
+    assert len(failed) == 2 and all("FAILED: the trial was granted GPU 0" in ln for ln in failed), failed
 
 
 def test_device_and_grant_that_disagree_are_refused_before_any_trial(tmp_path: Path, tiny_data_cfg: DataConfig,
