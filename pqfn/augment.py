@@ -15,10 +15,11 @@ def augment_batch(
     """x: (B, 1, H, W) float in [0, 1] -> same shape, each image rotated, contrast-scaled and (gain > 0) multiplied
     by a gain factor at random (a scanner's gain drifts between sessions).
 
-    Random numbers come from `gen` (a CPU generator, so results do not depend on the device).
+    Random numbers come from `gen`, a generator on x's device: drawn there, no host-to-device copy per batch
+    (which would make a GPU step wait for the host). Draws differ between CPU and CUDA for the same seed.
     """
     b = x.shape[0]
-    u = torch.rand(b, 3, generator=gen).to(x.device, x.dtype)
+    u = torch.rand(b, 3, generator=gen, device=gen.device).to(x.dtype)
     if rotation_deg > 0 or hflip:
         angle = (u[:, 0] * 2 - 1) * math.radians(rotation_deg)
         cos, sin = torch.cos(angle), torch.sin(angle)

@@ -37,6 +37,7 @@ from pqfn.bundle import data_fingerprint, write_bundle
 from pqfn.calibration import brier_score, expected_calibration_error, plot_reliability
 from pqfn.config import CLASSES, Config, EvaluateConfig, TrialConfig, with_overrides
 from pqfn.data import Dataset
+from pqfn.device import driver_device
 from pqfn.ensemble import (
     FoldEnsemble,
     adjust,
@@ -51,7 +52,7 @@ from pqfn.explain import localisation_report
 from pqfn.records import Selection
 from pqfn.report import atomic_write, write_evaluation
 from pqfn.splits import HoldOut, build_pool, make_folds
-from pqfn.trial import TrialImages, pick_device, predict_logits
+from pqfn.trial import TrialImages, predict_logits
 
 
 @dataclass(frozen=True)
@@ -247,7 +248,7 @@ def evaluate_holdout(
     """
     t0 = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = pick_device(cfg.device)
+    device = driver_device(cfg.device)  # trial.device is where trials trained; a CPU-only head evaluates on CPU
     priors = np.asarray(ev.priors, np.float64) if ev.priors is not None else natural_priors(ds.labels[holdout.pool])
     oof_idx, oof_logits = oof
     chosen: dict[str, Any] = {}

@@ -25,6 +25,7 @@ from pqfn.augment import augment_batch
 from pqfn.baselines import fold_records, make_baselines
 from pqfn.config import TrialConfig
 from pqfn.data import Dataset
+from pqfn.device import native_bf16
 from pqfn.ensemble import save_members
 from pqfn.errors import TrialError
 from pqfn.metrics import aggregate, aggregate_keys, class_metrics, versus_baseline, with_gaps
@@ -47,11 +48,7 @@ def use_bf16(cfg: TrialConfig, device: torch.device) -> bool:
     """trial.bf16 resolved: auto = bf16 autocast where the device computes bf16 natively."""
     if cfg.bf16 != "auto":
         return bool(cfg.bf16)
-    if device.type == "cuda":
-        return bool(torch.cuda.is_bf16_supported())
-    if device.type == "cpu":
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return False
+    return native_bf16(device)
 
 
 def use_channels_last(cfg: TrialConfig, device: torch.device) -> bool:
@@ -150,6 +147,9 @@ class Learner:
         self.steps_per_epoch = n // cfg.batch_size + int(n % cfg.batch_size >= 2)
         self.step = 0  # batches done in the current epoch (read by CrossValidation.progress from another thread)
         self.step_t = 0.0  # time.perf_counter() when the latest batch was handed to the device
+        # Shuffles and augmentation draws come from a generator on the device: on a GPU, numbers drawn on the
+        # host would be copied to it every step, a blocking copy. On the CPU it is self.gen (unchanged draws).
+        self.dev_gen = self.gen if device.type == "cpu" else torch.Generator(device).manual_seed(seed)
         self.val_logits: torch.Tensor | None = None  # (n_val, classes) from the latest measure("val")
 
     def _autocast(self) -> Any:
@@ -160,7 +160,7 @@ class Learner:
         cfg = self.cfg
         self.model.train()
         n = len(self.train_rows)
-        perm = self.train_rows[torch.randperm(n, generator=self.gen).to(self.train_rows.device)]
+        perm = self.train_rows[torch.randperm(n, generator=self.dev_gen, device=self.dev_gen.device)]
         total = torch.zeros((), device=self.device)
         steps = self.step = 0
         for s in range(0, n, cfg.batch_size):
@@ -169,7 +169,7 @@ class Learner:
                 break  # BatchNorm cannot train on a batch of one
             x = _to_input(self.data.images[rows], self.channels_last)
             a = cfg.augment
-            x = augment_batch(x, self.gen, a.rotation_deg, a.contrast, a.hflip, a.gain)
+            x = augment_batch(x, self.dev_gen, a.rotation_deg, a.contrast, a.hflip, a.gain)
             x = (x - MEAN) / STD
             with self._autocast():
                 logits = self.model(x)
@@ -204,6 +204,7 @@ class Learner:
             "optimizer": self.opt.state_dict(),
             "scheduler": self.sched.state_dict() if self.sched else None,
             "generator": self.gen.get_state(),
+            "device_generator": None if self.dev_gen is self.gen else self.dev_gen.get_state(),
         }
 
     def load_state_dict(self, st: dict[str, Any]) -> None:
@@ -212,6 +213,8 @@ class Learner:
         if self.sched is not None and st["scheduler"] is not None:
             self.sched.load_state_dict(st["scheduler"])
         self.gen.set_state(st["generator"])
+        if self.dev_gen is not self.gen and st.get("device_generator") is not None:
+            self.dev_gen.set_state(st["device_generator"])
 
 
 @dataclass

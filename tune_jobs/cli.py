@@ -75,7 +75,8 @@ def add_ray_commands(sub: Any) -> None:
     cl.add_argument("--dir", default=".pqfn-cluster", help="state, token and logs (default .pqfn-cluster)")
     cl.add_argument("--workers", type=int, default=1)
     cl.add_argument("--cpus-per-node", type=int, default=1)
-    cl.add_argument("--gpus-per-node", type=int, default=0)
+    cl.add_argument("--gpus-per-node", type=int, default=0,
+                    help="GPUs per node, each node its own (disjoint CUDA_VISIBLE_DEVICES slices of this machine's GPUs)")
     cl.add_argument("--port", type=int, default=6390, help="GCS port of the head")
     cl.add_argument("--dashboard-port", type=int, default=8265)
     cl.set_defaults(func=cmd_cluster)

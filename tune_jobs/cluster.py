@@ -75,6 +75,32 @@ def _alive_nodes(gcs: str, env: dict[str, str]) -> int:
     return int(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 and r.stdout.strip() else 0
 
 
+def visible_gpus() -> list[str]:
+    """This machine's GPUs as CUDA_VISIBLE_DEVICES names them (its own list when set, else 0..n-1 from NVML)."""
+    cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if cvd is not None:
+        return [d.strip() for d in cvd.split(",") if d.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def node_devices(nodes: int, gpus_per_node: int) -> list[dict[str, str]]:
+    """Each node's CUDA_VISIBLE_DEVICES: disjoint slices of this machine's GPUs (Ray then grants each node's
+    trials only its own). A machine without GPUs (a CPU machine declaring GPUs to test scheduling) gets the
+    names 0..nodes*gpus_per_node-1; one with too few GPUs is refused."""
+    if gpus_per_node <= 0:
+        return [{} for _ in range(nodes)]
+    need = nodes * gpus_per_node
+    have = visible_gpus()
+    if not have:
+        have = [str(i) for i in range(need)]
+    if len(have) < need:
+        raise PqfnError(f"--gpus-per-node {gpus_per_node}: {nodes} nodes need {need} GPUs, this machine shows "
+                        f"{len(have)} ({','.join(have)}); lower --gpus-per-node or --workers")
+    return [{"CUDA_VISIBLE_DEVICES": ",".join(have[n * gpus_per_node:(n + 1) * gpus_per_node])} for n in range(nodes)]
+
+
 def up(folder: Path, *, workers: int = 1, cpus_per_node: int = 1, gpus_per_node: int = 0, port: int = 6390,
        dashboard_port: int = 8265, timeout: float = 120.0) -> dict[str, Any]:
     """Start a head and `workers` worker nodes on 127.0.0.1; returns the state written to cluster.json."""
@@ -90,6 +116,7 @@ def up(folder: Path, *, workers: int = 1, cpus_per_node: int = 1, gpus_per_node:
     # Ray's socket paths must stay short (AF_UNIX limit), so the temp dir lives under /tmp.
     temp = Path(tempfile.gettempdir()) / f"pqfn-ray-{hashlib.sha1(str(folder).encode()).hexdigest()[:8]}"
     env = _node_env(token)
+    devices = node_devices(1 + workers, gpus_per_node)
     ray_exe = str(Path(sys.executable).parent / "ray")
     common = ["--block", "--disable-usage-stats", "--node-ip-address=127.0.0.1", f"--num-cpus={cpus_per_node}",
               f"--num-gpus={gpus_per_node}"]
@@ -100,7 +127,7 @@ def up(folder: Path, *, workers: int = 1, cpus_per_node: int = 1, gpus_per_node:
         head = subprocess.Popen(
             [ray_exe, "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1",
              f"--dashboard-port={dashboard_port}", "--include-dashboard=true", f"--temp-dir={temp}", *common],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            env=env | devices[0], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         pids.append(head.pid)
         deadline = time.time() + timeout
         while _alive_nodes(gcs, env) < 1:
@@ -109,7 +136,7 @@ def up(folder: Path, *, workers: int = 1, cpus_per_node: int = 1, gpus_per_node:
             time.sleep(1)
         for i in range(workers):
             wlog = (folder / f"worker{i + 1}.log").open("w")
-            w = subprocess.Popen([ray_exe, "start", f"--address={gcs}", *common], env=env, stdout=wlog,
+            w = subprocess.Popen([ray_exe, "start", f"--address={gcs}", *common], env=env | devices[i + 1], stdout=wlog,
                                  stderr=subprocess.STDOUT, start_new_session=True)
             pids.append(w.pid)
         while _alive_nodes(gcs, env) < 1 + workers:

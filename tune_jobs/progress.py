@@ -137,7 +137,8 @@ class ProgressLines(tune.Callback):
         self._line(trial, "completed" if is_complete(trial.last_result or {}) else "stopped early")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._line(trial, "FAILED (see trials.csv, column error)")
+        why = _error_line(trial)
+        self._line(trial, f"FAILED: {why}" if why else "FAILED (see trials.csv, column error)")
 
     # -------------------------------------------------------------- periodic progress
     def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
@@ -203,3 +204,13 @@ class ProgressLines(tune.Callback):
     @staticmethod
     def _clock(s: float) -> str:
         return f"{int(s) // 60}:{int(s) % 60:02d}"
+
+
+def _error_line(trial: Any) -> str:
+    """A failed trial's own one-line error (a pqfn error's message), or "" for anything else (a traceback)."""
+    try:  # the driver's own copy, written before this callback (Trial.handle_error); storage's comes later
+        lines = Path(trial.error_file).read_text().strip().splitlines()
+    except (OSError, TypeError):  # no error file: point at trials.csv instead
+        return ""
+    last = lines[-1] if lines else ""
+    return last.split(": ", 1)[1][:300] if last.startswith("pqfn.errors.") and ": " in last else ""

@@ -136,6 +136,7 @@ def set_aside(sdir: Path, created: str) -> Path:
 def run_sweep(cfg: Config, *, address: str | None = None, resume: bool = False, overwrite: bool = False,
               log: Callable[..., None] = print) -> SweepResult:
     """The sweep, as one recipe."""
+    check_address(address)
     cfg = absolutize_paths(cfg)
     check_output_paths(folders={"output_dir": cfg.output_dir, "sweep folder": cfg.output_dir / cfg.name})
     check_mode(cfg)
@@ -208,6 +209,13 @@ class PhaseClock:
         }
 
 
+def check_address(address: str | None) -> None:
+    """`pqfn sweep` joins a cluster through its GCS (HOST:6379, auto); a dashboard URL is for `pqfn submit`."""
+    if address and address.split("://")[0].lower() in ("http", "https"):
+        raise PqfnError(f"--address {address}: an HTTP address is a Ray dashboard, for `pqfn submit CONFIG --address "
+                        f"{address}`; `pqfn sweep` joins a running cluster at its GCS address (HOST:6379) or `auto`")
+
+
 def start_ray(address: str | None) -> bool:
     """Join `address` or start a private local Ray; True when started here (and so stopped here)."""
     if ray.is_initialized():
@@ -276,7 +284,7 @@ def search(cfg: Config, sdir: Path, state: dict[str, Any], resuming: bool, data:
     # A restore needs Tune's experiment state too; without it (a sweep that failed or was killed before
     # Tune's first snapshot, e.g. on a data error) Tune logged a traceback and ran a single trial.
     restorable = resuming and tune.Tuner.can_restore(tune_path) and any(Path(tune_path).glob(EXPERIMENT_STATE))
-    trainable = make_trainable(cfg, data, holdout.pool)
+    trainable = make_trainable(cfg, data, holdout.pool, log)
     tuner, param_space = build_tuner(cfg, sdir, state, trainable)
     if restorable:
         log(f"resuming the interrupted sweep in {sdir}")

@@ -12,12 +12,14 @@ channel that the driver's console reads (tune_jobs/progress.py).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import tempfile
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -27,9 +29,10 @@ import ray
 import torch
 from ray import tune
 
-from pqfn.config import Config, with_overrides
+from pqfn.config import Config, TrialConfig, with_overrides
 from pqfn.data import Dataset
-from pqfn.errors import TrialError
+from pqfn.device import device_for_grant
+from pqfn.errors import PqfnError, TrialError
 from pqfn.io import load_checkpoint
 from pqfn.metrics import process_memory_mb
 from pqfn.records import TrialProgress
@@ -100,6 +103,80 @@ class ProgressWriter:
         self.path.unlink(missing_ok=True)  # a finished trial's progress is its last report
 
 
+
+
+def granted_device(requested: str) -> torch.device:
+    """This trial's device: exactly the GPUs Ray granted it, or the CPU (with every GPU hidden) when none.
+
+    Ray 2.60 leaves a node's GPUs visible to a 0-GPU task, so CUDA_VISIBLE_DEVICES is set here, before CUDA
+    starts, to the granted ids ("" for none). A fractional grant also caps this process's share of the GPU's
+    memory, so that trials packed on one GPU cannot starve each other (an OOM is then the trial's own).
+    """
+    ids = [str(i) for i in ray.get_gpu_ids()]
+    if not torch.cuda.is_initialized():
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(ids)
+    device = device_for_grant(requested, ids)
+    if device.type == "cuda":
+        share = float(ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0))
+        if 0 < share < 1:
+            # 10 % of the GPU stays outside the caps: each process's CUDA context (~0.5 GiB) is not counted in them.
+            torch.cuda.set_per_process_memory_fraction(share * GPU_MEMORY_CAPPED, device)
+    return device
+
+
+GPU_MEMORY_CAPPED = 0.9
+
+
+def trials_per_node(cpus_per_trial: float, gpus_per_trial: float, node_cpus: float, node_gpus: float) -> int:
+    """How many trials Ray can place on one node: its CPUs over a trial's, and its GPUs over a trial's share."""
+    fits = int(node_cpus // cpus_per_trial + 1e-9)
+    if gpus_per_trial > 0:
+        fits = min(fits, int(node_gpus // gpus_per_trial + 1e-9))
+    return fits
+
+
+def packing_note(cpus_per_trial: float, gpus_per_trial: float, nodes: list[dict[str, float]]) -> str | None:
+    """A line when the CPUs a trial asks for leave a GPU node's GPU share unused (e.g. 4 CPUs a trial on an
+    8-CPU node with 1 GPU fits 2 trials, while gpus_per_trial=0.25 promises 4), else None."""
+    for res in nodes:
+        cpu, gpu = float(res.get("CPU", 0)), float(res.get("GPU", 0))
+        if gpu <= 0 or gpus_per_trial <= 0:
+            continue
+        fits, promised = trials_per_node(cpus_per_trial, gpus_per_trial, cpu, gpu), int(gpu // gpus_per_trial + 1e-9)
+        if fits < promised:
+            return (f"resources: a node with {cpu:g} CPUs and {gpu:g} GPU(s) fits {fits} trial(s) of "
+                    f"cpus_per_trial={cpus_per_trial:g}, while gpus_per_trial={gpus_per_trial:g} would fit {promised}: "
+                    f"set resources.cpus_per_trial={cpu * gpus_per_trial / gpu:g} to use its GPUs fully")
+    return None
+
+
+CHECKPOINT_COST_RATIO = 20.0  # checkpoint_every=auto on a GPU: train >= 20x the last write between checkpoints
+
+
+def checkpoint_due(every: int | str, device: torch.device, epochs_since: int, train_s: float,
+                   last_write_s: float | None) -> bool:
+    """Whether to checkpoint now (at a measured epoch that is not the last), `epochs_since` epochs and
+    `train_s` seconds after the last checkpoint (or the start), the last one having taken `last_write_s`."""
+    if every == "auto" and device.type == "cpu":
+        every = 1  # CPU epochs are long next to a checkpoint's write
+    if every != "auto":
+        return epochs_since >= int(every)
+    if epochs_since < 1:
+        return False
+    return last_write_s is None or train_s >= CHECKPOINT_COST_RATIO * last_write_s
+
+
+def check_shared(cfg: Config) -> None:
+    """This node sees the sweep folder the driver created (output_dir is shared storage), else one line."""
+    sdir = cfg.output_dir / cfg.name
+    if not (sdir / "sweep.json").exists():
+        raise TrialError(
+            f"output_dir {cfg.output_dir}: node {ray.util.get_node_ip_address()} does not see the sweep folder "
+            f"{sdir} the driver created; put output_dir on storage every node mounts at the same path "
+            "(cluster/README.md, 'Storage')"
+        )
+
+
 def run_trial(config: dict[str, Any], *, base: Config, data: Dataset, pool: np.ndarray, cpus: float,
               dataset_file: Path | None = None) -> None:
     """A function trainable. It must not return a value (Tune would report it as an extra result)."""
@@ -113,8 +190,12 @@ def run_trial(config: dict[str, Any], *, base: Config, data: Dataset, pool: np.n
     trial_id = ctx.get_trial_id()
     folder = trial_folder(cfg, trial_id)
     (folder / PROGRESS_FILE).unlink(missing_ok=True)  # an earlier start's: not this one's progress
+    check_shared(cfg)
+    device = granted_device(tc.device)
+    gpu_ids = os.environ.get("CUDA_VISIBLE_DEVICES", "") if device.type == "cuda" else ""
 
-    cv = CrossValidation(tc, data, pool)
+    with out_of_memory(tc, device):
+        cv = CrossValidation(tc, data, pool, device=device)
     restored_from = 0.0
     ckpt = tune.get_checkpoint()
     if ckpt is not None:
@@ -131,6 +212,10 @@ def run_trial(config: dict[str, Any], *, base: Config, data: Dataset, pool: np.n
         out["objective"] = search_objective(rec, cfg.selection)
         out["node_id"] = node_id  # which Ray node ran this epoch (node_ip is the same for nodes on one host)
         out["restored_from"] = restored_from  # epoch of the checkpoint this run resumed from; 0 = fresh
+        out["device"] = device.type
+        out["gpu_ids"] = gpu_ids  # the GPUs Ray granted ("" on the CPU)
+        if device.type == "cuda":
+            out["gpu_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
         return out
 
     # One W&B run per trial (id = trial id) across retries and restores, each epoch once: the restored
@@ -143,6 +228,8 @@ def run_trial(config: dict[str, Any], *, base: Config, data: Dataset, pool: np.n
     # Checkpoint once checkpoint_every epochs have passed since the last one: records (and so checkpoints)
     # come only at measured epochs (trial.eval_every), which need not be multiples of checkpoint_every.
     saved_at = [cv.epoch]
+    since = [time.perf_counter()]  # when the last checkpoint (or the trial) finished
+    write_s: list[float | None] = [None]  # what the last checkpoint took to write and hand to Tune
 
     def on_epoch(rec: dict[str, float], cv: CrossValidation) -> None:
         out = shape(rec) | process_memory_mb()  # mem/*: the data set maps the object store, shared
@@ -154,16 +241,20 @@ def run_trial(config: dict[str, Any], *, base: Config, data: Dataset, pool: np.n
             write_trial_file(folder, trial_id, params, cv.history)
             if run is not None:
                 run.run.log_artifact(trial_artifact(cfg, folder))  # lineage: this trial -> the summary run
-        if not last and cv.epoch - saved_at[0] >= every:
+        if not last and checkpoint_due(every, device, cv.epoch - saved_at[0], time.perf_counter() - since[0],
+                                       write_s[0]):
             saved_at[0] = cv.epoch
+            t = time.perf_counter()
             with tempfile.TemporaryDirectory() as d:
                 torch.save(cv.state_dict(), os.path.join(d, STATE_FILE))
                 tune.report(out, checkpoint=tune.Checkpoint.from_directory(d))
+            since[0] = time.perf_counter()
+            write_s[0] = since[0] - t
         else:
             tune.report(out)
 
     try:
-        with ProgressWriter(folder, cv.progress):
+        with ProgressWriter(folder, cv.progress), out_of_memory(tc, device):
             cv.fit(on_epoch)
     finally:
         if run is not None:
@@ -173,15 +264,46 @@ def run_trial(config: dict[str, Any], *, base: Config, data: Dataset, pool: np.n
             wandb.teardown()  # before Ray ends this worker: avoids a lost-connection traceback at exit
 
 
-def resources(cfg: Config) -> dict[str, float]:
+@contextlib.contextmanager
+def out_of_memory(tc: TrialConfig, device: torch.device) -> Iterator[None]:
+    """A CUDA out-of-memory error as one line that says it is about resources, not the configuration."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        if device.type != "cuda":
+            raise
+        total = torch.cuda.get_device_properties(device).total_memory / 2**30
+        share = float(ray.get_runtime_context().get_assigned_resources().get("GPU", 1.0))
+        raise TrialError(
+            f"CUDA out of memory: {tc.resolution} px, batch {tc.batch_size}, evaluation batch {tc.eval_batch_size}, "
+            f"{tc.folds} folds in {min(share, 1.0):g} of a {total:.0f} GiB GPU; raise resources.gpus_per_trial "
+            "or lower trial.eval_batch_size (this says nothing about the configuration's quality)"
+        ) from None
+
+
+def resources(cfg: Config, log: Callable[..., None] = print) -> dict[str, float]:
+    """What each trial asks Ray for; a trial.device that contradicts it is refused before any trial starts."""
     gpus = cfg.resources.gpus_per_trial
     if gpus is None:
-        gpus = 0.25 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        have = ray.cluster_resources().get("GPU", 0)
+        gpus = 0.25 if have > 0 else 0.0
+        log(f"resources.gpus_per_trial not set: the cluster has {have:g} GPU(s) now, so each trial asks for {gpus:g} "
+            "(set it for an autoscaling cluster whose GPU nodes are not up yet)")
+    device = cfg.trial.device
+    if device == "cuda" and gpus == 0:
+        raise PqfnError("trial.device=cuda but resources.gpus_per_trial is 0: no trial would be granted a GPU; "
+                        "set resources.gpus_per_trial > 0, or trial.device=auto")
+    if device == "cpu" and gpus > 0:
+        raise PqfnError(f"trial.device=cpu but resources.gpus_per_trial={gpus:g}: the granted GPUs would sit idle; "
+                        "set resources.gpus_per_trial=0, or trial.device=auto")
+    note = packing_note(cfg.resources.cpus_per_trial, gpus, [n["Resources"] for n in ray.nodes() if n["Alive"]])
+    if note:
+        log(note)
     return {"cpu": cfg.resources.cpus_per_trial, "gpu": gpus}
 
 
-def make_trainable(cfg: Config, data: Dataset, pool: np.ndarray) -> Any:
-    res = resources(cfg)
+def make_trainable(cfg: Config, data: Dataset, pool: np.ndarray, log: Callable[..., None] = print) -> Any:
+    res = resources(cfg, log)
     dataset_file = write_dataset_file(cfg, data, pool)  # once, in the driver: what every run's dataset Artifact holds
     fn = tune.with_parameters(run_trial, base=cfg, data=data, pool=pool, cpus=res["cpu"], dataset_file=dataset_file)
     return tune.with_resources(fn, res)

@@ -23,7 +23,7 @@ def test_launcher_yaml_passes_rays_validation() -> None:
     assert types[cfg["head_node_type"]]["resources"].get("GPU", 0) == 0
     gpu = [t for t in types.values() if t["resources"].get("GPU", 0) > 0]
     assert gpu and gpu[0]["max_workers"] >= gpu[0]["min_workers"]
-    assert any("constraints.txt" in c for c in cfg["setup_commands"])
+    assert cfg["docker"]["image"] == "REGISTRY/pqfn:0.1.0"  # the project's image: dependencies installed once
     assert all("RAY_AUTH_MODE=token" in c for c in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"] if "ray start" in c)
     bad = copy.deepcopy(cfg)
     bad["available_node_types"]["gpu_worker"]["max_workers"] = "many"
