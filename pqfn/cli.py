@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pqfn.errors import PqfnError
+from pqfn.io import check_not_on_inputs, check_output_paths
 
 
 def _warning_line(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
@@ -267,18 +268,35 @@ def cmd_dfi(a: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- predict, export
+def _check_device(flag: str, device: str) -> None:
+    """--device cuda on a machine without a usable GPU: one line naming the flag, before any work."""
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise PqfnError(f"{flag} cuda: no CUDA GPU is usable here (torch.cuda.is_available() is false); "
+                            "use --device cpu or --device auto")
+
+
 def cmd_predict(a: argparse.Namespace) -> int:
     from pqfn.bundle import load_bundle
-    from pqfn.predict import predict, summary_path, write_csv
+    from pqfn.predict import check_outputs, classify, collect_inputs, summary_path, write_csv
 
+    if a.batch < 1:
+        raise PqfnError(f"--batch {a.batch}: expected a positive number of images per batch, e.g. --batch 64")
+    _check_device("--device", a.device)
     out = Path(a.out)
     summary = summary_path(out)
-    for f in (out, summary):
-        if f.exists() and not a.overwrite:
-            raise PqfnError(f"{f}: already exists; pass --overwrite to replace it")
+    explain = Path(a.explain) if a.explain else None
+    check_output_paths(folders={"--explain": explain}, files={"--out": out, "summary": summary})
+    check_not_on_inputs({"--out": out, "summary": summary, "--explain": explain},
+                        [("bundle", Path(a.bundle))] + [("input", Path(p)) for p in a.inputs])  # before any listing
+    items, skipped = collect_inputs(a.inputs)
+    # every output is checked before the bundle is loaded or an image decoded (pqfn.io, output-path rule)
+    check_outputs(Path(a.bundle), a.inputs, items, out=out, summary=summary, explain=explain, overwrite=a.overwrite)
     bundle = load_bundle(a.bundle)
-    res = predict(bundle, a.inputs, batch=a.batch, device=a.device, adjust=False if a.raw else None,
-                  explain_dir=a.explain, progress=True)
+    res = classify(bundle, items, skipped, batch=a.batch, device=a.device, adjust=False if a.raw else None,
+                   explain=explain, progress=True)
     write_csv(out, res.rows)
     counts = ", ".join(f"{c}={sum(r['predicted'] == c for r in res.rows)}" for c in bundle.classes)
     how = "prior-adjusted" if res.adjusted else "raw (no prior adjustment)"
@@ -299,8 +317,9 @@ def cmd_predict(a: argparse.Namespace) -> int:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    from pqfn.export import export_onnx
+    from pqfn.export import check_opset, export_onnx
 
+    check_opset(a.opset)
     out = export_onnx(a.bundle, Path(a.onnx), opset=a.opset, overwrite=a.overwrite)
     print(f"ONNX model: {out} (opset {a.opset}, dynamic batch); preprocessing: "
           f"{out.with_name(out.stem + '.preprocessing.json')}")
@@ -382,14 +401,16 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.Argume
     pr.add_argument("--batch", type=int, default=64, help="images per batch (default 64)")
     pr.add_argument("--raw", action="store_true", help="predict without the bundle's class-prior adjustment")
     pr.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    pr.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    pr.add_argument("--overwrite", action="store_true",
+                    help="replace this command's own earlier outputs (never an input, never another file)")
     pr.set_defaults(func=cmd_predict)
 
     ex = sub.add_parser("export", help="export a model bundle to ONNX (dynamic batch, preprocessing note)")
     ex.add_argument("bundle", help="a model bundle folder")
     ex.add_argument("--onnx", required=True, metavar="FILE", help="the ONNX file to write")
     ex.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
-    ex.add_argument("--overwrite", action="store_true", help="replace an existing ONNX file")
+    ex.add_argument("--overwrite", action="store_true",
+                    help="replace an ONNX file and preprocessing note that pqfn export wrote")
     ex.set_defaults(func=cmd_export)
     return p
 
