@@ -327,7 +327,7 @@ def load_bundle(folder: Path | str) -> Bundle:
         model = _build(arch["timm_model"], int(arch["ensemble_members"]))
     except TrialError as e:  # a model name this timm lacks: say which bundle asks for it
         raise _refuse(folder, f"its architecture.timm_model {arch['timm_model']!r} is not a model of this timm "
-                              f"({e}); use the pqfn and timm that wrote it (versions in {BUNDLE_FILE})") from None
+                              f"({str(e).removeprefix('trial.model: ')}); use the pqfn and timm that wrote it (versions in {BUNDLE_FILE})") from None
     try:
         state = read_safetensors(folder / WEIGHTS_FILE, "the bundle's weights")
     except PqfnError as e:

@@ -56,16 +56,16 @@ def save_members(folder: Path, members: list[nn.Module], oof_index: np.ndarray, 
     tmp_oof.replace(folder / OOF_FILE)
 
 
-FOLD_FILES_HINT = "expected the folder that `pqfn trial` or a sweep trial (trials/<id>/) writes, holding " \
-                  f"{MODELS_FILE} and {OOF_FILE}"
+FOLD_FILES_HINT = (f"`pqfn trial` and a sweep trial (trials/<id>/) write {MODELS_FILE} and {OOF_FILE} into their "
+                   "results folder, which --model takes")
 
 
 def check_fold_folder(folder: Path, key: str = "--model") -> None:
     """A fold-model folder, named by `key`: a file or a missing path is one line naming it."""
     if folder.is_file():
-        raise TrialError(f"{key} {folder}: is a file; {FOLD_FILES_HINT} (give the folder that holds it)")
+        raise TrialError(f"{key} {folder}: is a file; expected the folder that holds it ({FOLD_FILES_HINT})")
     if not folder.is_dir():
-        raise TrialError(f"{key} {folder}: no such folder; {FOLD_FILES_HINT}")
+        raise TrialError(f"{key} {folder}: no such folder; expected a folder of fold models ({FOLD_FILES_HINT})")
 
 
 def load_members(folder: Path, model_name: str) -> FoldEnsemble:
