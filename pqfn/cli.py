@@ -23,6 +23,8 @@ from pqfn.io import check_not_on_inputs, check_output_paths, replacing_folder, w
 
 
 def _warning_line(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+    if getattr(category, "__name__", "") == "DecompressionBombWarning":
+        return  # PIL's; pqfn.data.decode_image refuses such images itself and lists them in its skipped line
     print(f"pqfn: warning: {message}", file=sys.stderr)
 
 

@@ -54,7 +54,8 @@ def unreadable(file: Path, e: BaseException) -> str:
     if isinstance(e, FileNotFoundError):
         why = "not found"
     elif isinstance(e, (ImageTooLarge, Image.DecompressionBombError)):
-        why = f"too large to decode safely: over the {MAX_PIXELS:,}-pixel limit"
+        size = f"{e}, " if isinstance(e, ImageTooLarge) else ""
+        why = f"too large to decode safely: {size}over the {MAX_PIXELS:,}-pixel limit"
     else:
         why = type(e).__name__
     return f"{file} ({why})"
@@ -183,7 +184,7 @@ def decode_image(file: Path, size: int) -> np.ndarray:
     with Image.open(file) as src:
         w, h = src.size
         if w * h > MAX_PIXELS:  # before load(): the header alone says how much memory decoding would take
-            raise ImageTooLarge(f"{file}: {w} x {h} pixels")
+            raise ImageTooLarge(f"{w} x {h} pixels")
         src.load()
         im: Image.Image = src
         if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
