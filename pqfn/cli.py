@@ -127,8 +127,9 @@ def cmd_trial(a: argparse.Namespace) -> int:
     prepare_out_dir(out, resume=a.resume, overwrite=a.overwrite, what="trial results", command="trial",
                     key="--out" if a.out else "output_dir", inputs=_read_paths(a.config, cfg))
     # --overwrite: the old folder waits aside until this run completes, and comes back if it fails
-    with contextlib.nullcontext(out) if a.resume else replacing_folder(out, keep_partial=True):
-        write_marker(out, "trial")
+    with contextlib.nullcontext(out) if a.resume else replacing_folder(out, keep_if="checkpoint.pt"):
+        if not a.resume:  # a resumed folder gets its marker once its checkpoint has been read
+            write_marker(out, "trial")
         return _run_trial(a, cfg, out)
 
 
@@ -157,6 +158,7 @@ def _run_trial(a: argparse.Namespace, cfg: Any, out: Path) -> int:
             raise PqfnError(f"{ckpt}: does not fit this trial ({type(e).__name__}: {str(e).strip()[:150]}); "
                             "pass --overwrite to start the trial again") from None
         print(f"resuming {out} after epoch {cv.epoch}")
+        write_marker(out, "trial")
     atomic_write(out / "config.yaml", dump_config(cfg))
     write_folds_csv(out / "folds.csv", ds, holdout, cv.entries, cv.folds)
     print(f"trial {cfg.name}: {tc.model}, {tc.folds} folds x {tc.epochs} epochs, data_size {tc.data_size}, "
@@ -332,7 +334,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
     out = Path(a.out)
     summary = summary_path(out)
     explain = Path(a.explain) if a.explain else None
-    check_output_paths(folders={"--explain": explain}, files={"--out": out, "summary": summary})
+    check_output_paths(folders={"--explain": explain}, files={"--out": out, "summary": summary}, create_parents=True)
     check_not_on_inputs({"--out": out, "summary": summary, "--explain": explain},
                         [("bundle", Path(a.bundle))] + [("input", Path(p)) for p in a.inputs])  # before any listing
     items, skipped = collect_inputs(a.inputs)

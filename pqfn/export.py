@@ -152,7 +152,7 @@ def export_onnx(bundle: Bundle | Path | str, out: Path | str, *, opset: int = DE
     note_file = note_path(out)
     check_opset(opset)
     folder = bundle.folder if isinstance(bundle, Bundle) else Path(bundle)
-    check_output_paths(files={"--onnx": out, "preprocessing note": note_file})
+    check_output_paths(files={"--onnx": out, "preprocessing note": note_file}, create_parents=True)
     check_not_on_inputs({"--onnx": out, "preprocessing note": note_file}, [("bundle", folder)])
     check_replaceable("--onnx", out, overwrite, mine=out.is_file() and _is_our_onnx(out),
                       what="an ONNX file that pqfn export wrote (metadata key 'pqfn')")
@@ -163,6 +163,7 @@ def export_onnx(bundle: Bundle | Path | str, out: Path | str, *, opset: int = DE
     net = _Deployable(b.model.float().eval(), log_prior).eval()
     r = b.preprocessing.resolution
     example = torch.full((2, 1, r, r), 128.0)
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     tmp_note = note_file.with_name(f".{note_file.name}.{os.getpid()}.tmp")
     try:

@@ -165,12 +165,13 @@ def _nearest_existing(p: Path) -> Path:
 
 
 def check_output_paths(folders: Mapping[str, Path | None] | None = None,
-                       files: Mapping[str, Path | None] | None = None) -> None:
+                       files: Mapping[str, Path | None] | None = None, *, create_parents: bool = False) -> None:
     """Check, before any work, that outputs can be written. Keys name the setting for the message.
 
     folders: {"output_dir": Path(...)}: must be a folder or creatable (no file on the way, writable).
     files: {"--plot": Path(...)}: its folder must already exist (a typo'd folder is not created
-    silently) and the path itself must not be a folder. None values are skipped.
+    silently; with create_parents, a creatable folder will do) and the path itself must not be a
+    folder. None values are skipped.
     """
     for key, p in (folders or {}).items():
         if p is None:
@@ -190,6 +191,9 @@ def check_output_paths(folders: Mapping[str, Path | None] | None = None,
         parent = p.absolute().parent
         if p.is_dir():
             raise PqfnError(f"{key} {p}: is a folder, expected a file name")
+        if create_parents and not parent.exists():
+            check_output_paths(folders={f"{key} {p}: folder": p.parent})
+            continue
         if not parent.exists():
             raise PqfnError(f"{key} {p}: folder {p.parent} does not exist")
         if not parent.is_dir():
@@ -267,11 +271,11 @@ def check_replaceable(key: str, path: Path, overwrite: bool, *, mine: bool, what
 
 
 @contextlib.contextmanager
-def replacing_folder(out: Path, *, keep_partial: bool = False) -> Iterator[Path]:
+def replacing_folder(out: Path, *, keep_if: str | None = None) -> Iterator[Path]:
     """Write a new result into `out` while its old content (if any) waits aside; the old one is deleted only
     once the new one is complete. On failure (an exception, Ctrl-C) the new partial folder is removed and the
-    old one put back, or, with no old one and `keep_partial` (a trial's checkpoints), the partial one kept.
-    Without an old one and without keep_partial, a failed run leaves nothing that blocks its rerun."""
+    old one put back; with no old one, the partial folder is kept only when it holds the file `keep_if` (a
+    trial's checkpoint, which --resume continues). So a failed run leaves nothing that blocks its rerun."""
     old: Path | None = None
     if out.exists() and any(out.iterdir()):
         old = out.with_name(f".{out.name}.replaced-{os.getpid()}")
@@ -283,7 +287,7 @@ def replacing_folder(out: Path, *, keep_partial: bool = False) -> Iterator[Path]
         if old is not None:
             shutil.rmtree(out, ignore_errors=True)
             old.replace(out)
-        elif not keep_partial:
+        elif keep_if is None or not (out / keep_if).exists():
             shutil.rmtree(out, ignore_errors=True)
         raise
     if old is not None:

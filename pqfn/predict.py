@@ -242,7 +242,7 @@ def check_outputs(bundle_folder: Path, inputs: Iterable[str | Path], items: Sequ
                   overwrite: bool = False) -> None:
     """Before any work: outputs are writable, land on no input (the bundle, an input file or folder, a listed
     scan), and replace only predict's own earlier output, and only with overwrite."""
-    check_output_paths(folders={"--explain": explain}, files={"--out": out, "summary": summary})
+    check_output_paths(folders={"--explain": explain}, files={"--out": out, "summary": summary}, create_parents=True)
     pairs = [("bundle", Path(bundle_folder))] + [("input", Path(p)) for p in inputs]
     pairs += [("scan", it.file) for it in items]
     check_not_on_inputs({"--out": out, "summary": summary, "--explain": explain}, pairs)
