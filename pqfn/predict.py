@@ -305,6 +305,7 @@ def classify(
     used: set[str] = set()
     skipped = list(skipped)
     workers = workers or min(4, os.cpu_count() or 1)
+    explain = None if explain is None else explain.absolute()  # "." has no name to stage beside
     stage = None if explain is None else explain.parent / f".{explain.name}.partial-{os.getpid()}"
     try:
         if stage is not None:
