@@ -35,7 +35,8 @@ from torch import nn
 
 from pqfn.config import CLASSES, TrialConfig
 from pqfn.data import Dataset
-from pqfn.errors import ConfigError, PqfnError
+from pqfn.errors import ConfigError, PqfnError, TrialError
+from pqfn.io import read_json, read_safetensors
 from pqfn.trial import MEAN, STD, resize_uint8
 
 FORMAT = "pqfn-bundle"
@@ -254,12 +255,12 @@ def read_info(folder: Path) -> dict[str, Any]:
     folder = Path(folder)
     if not folder.is_dir():
         raise _refuse(folder, "no such folder")
+    if not (folder / BUNDLE_FILE).is_file():
+        raise _refuse(folder, f"{BUNDLE_FILE} is missing")
     try:
-        info = json.loads((folder / BUNDLE_FILE).read_text())
-    except FileNotFoundError:
-        raise _refuse(folder, f"{BUNDLE_FILE} is missing") from None
-    except (OSError, ValueError) as e:
-        raise _refuse(folder, f"{BUNDLE_FILE} is unreadable ({type(e).__name__})") from None
+        info = read_json(folder / BUNDLE_FILE, "bundle.json")
+    except PqfnError as e:  # binary, not UTF-8, truncated, not JSON: the reader's line says which
+        raise _refuse(folder, str(e)) from None
     if not isinstance(info, dict) or info.get("format") != FORMAT:
         raise _refuse(folder, f"{BUNDLE_FILE} is not a {FORMAT} file")
     version = info.get("format_version")
@@ -268,6 +269,7 @@ def read_info(folder: Path) -> dict[str, Any]:
                               f"use the pqfn that wrote it (versions in {BUNDLE_FILE})")
     if info.get("content_sha256") != _content_sha(info):
         raise _refuse(folder, f"{BUNDLE_FILE} was altered (its content no longer matches its sha256)")
+    _check_layout(folder, info)
     for name, want in info["files"].items():
         f = folder / name
         if not f.is_file():
@@ -277,10 +279,39 @@ def read_info(folder: Path) -> dict[str, Any]:
     return info
 
 
+# What load_bundle reads from bundle.json, with the JSON types it needs: a block that is missing or of
+# another type is refused by name (a hand-edited or foreign bundle.json, re-checksummed or not).
+_LAYOUT: dict[str, tuple[type, ...]] = {
+    "classes": (list,), "architecture": (dict,), "architecture.timm_model": (str,),
+    "architecture.ensemble_members": (int,), "preprocessing": (dict,), "preprocessing.decode_size": (int,),
+    "preprocessing.resolution": (int,), "trial": (dict,), "priors": (list, type(None)), "prior_adjust": (bool,),
+    "prior_strength": (int, float), "data_fingerprint": (str,), "metrics": (dict,), "versions": (dict,),
+    "files": (dict,),
+}
+
+
+def _check_layout(folder: Path, info: dict[str, Any]) -> None:
+    for key, types in _LAYOUT.items():
+        block, _, sub = key.partition(".")
+        value = info.get(block) if not sub else info.get(block, {}).get(sub)
+        if value is None and type(None) not in types:
+            raise _refuse(folder, f"{BUNDLE_FILE} lacks `{key}`; expected a bundle written by `pqfn` (write_bundle)")
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise _refuse(folder, f"{BUNDLE_FILE} `{key}` is {type(value).__name__}; expected "
+                                  f"{' or '.join(t.__name__ for t in types)}")
+    pre, arch = info["preprocessing"], info["architecture"]
+    if pre["decode_size"] < 1 or pre["resolution"] < 1 or arch["ensemble_members"] < 0:
+        raise _refuse(folder, f"{BUNDLE_FILE} preprocessing sizes {pre['decode_size']}, {pre['resolution']} or "
+                              f"ensemble_members {arch['ensemble_members']} are out of range")
+    if info["priors"] is not None and (len(info["priors"]) != len(CLASSES)
+                                       or not all(isinstance(v, (int, float)) and v > 0 for v in info["priors"])):
+        raise _refuse(folder, f"{BUNDLE_FILE} priors {info['priors']}: expected {len(CLASSES)} positive numbers")
+    if WEIGHTS_FILE not in info["files"]:
+        raise _refuse(folder, f"{BUNDLE_FILE} `files` does not list {WEIGHTS_FILE}")
+
+
 def load_bundle(folder: Path | str) -> Bundle:
     """Read and verify a bundle; the model is rebuilt in eval mode on the CPU."""
-    from safetensors.torch import load_file
-
     from pqfn.config import validate_as
 
     folder = Path(folder)
@@ -292,9 +323,17 @@ def load_bundle(folder: Path | str) -> Bundle:
     except ConfigError as e:
         raise _refuse(folder, f"its trial config does not validate here ({e})") from None
     arch = info["architecture"]
-    model = _build(arch["timm_model"], int(arch["ensemble_members"]))
     try:
-        model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
+        model = _build(arch["timm_model"], int(arch["ensemble_members"]))
+    except TrialError as e:  # a model name this timm lacks: say which bundle asks for it
+        raise _refuse(folder, f"its architecture.timm_model {arch['timm_model']!r} is not a model of this timm "
+                              f"({str(e).removeprefix('trial.model: ')}); use the pqfn and timm that wrote it (versions in {BUNDLE_FILE})") from None
+    try:
+        state = read_safetensors(folder / WEIGHTS_FILE, "the bundle's weights")
+    except PqfnError as e:
+        raise _refuse(folder, str(e)) from None
+    try:
+        model.load_state_dict(state)
     except (RuntimeError, OSError, ValueError) as e:
         raise _refuse(folder, f"{WEIGHTS_FILE} does not fit {arch['timm_model']} ({str(e).splitlines()[0]})") from None
     pre = info["preprocessing"]

@@ -7,42 +7,66 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import sys
 import time
 import uuid
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from pqfn.errors import PqfnError
+from pqfn.io import check_not_on_inputs, check_output_paths, replacing_folder, write_marker
 
 
 def _warning_line(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+    if getattr(category, "__name__", "") == "DecompressionBombWarning":
+        return  # PIL's; pqfn.data.decode_image refuses such images itself and lists them in its skipped line
     print(f"pqfn: warning: {message}", file=sys.stderr)
 
 
-def prepare_out_dir(out: Path, *, resume: bool, overwrite: bool, what: str, can_resume: bool = True,
-                    key: str = "results folder") -> None:
-    """Refuse to touch an existing results folder unless --resume or --overwrite says so.
+def prepare_out_dir(out: Path, *, resume: bool, overwrite: bool, what: str, command: str, can_resume: bool = True,
+                    key: str = "results folder", inputs: Iterable[tuple[str, Path]] = ()) -> None:
+    """Check a results folder before any work; nothing is deleted here.
 
-    `can_resume`: whether the command has --resume (only then is it suggested); `key` names the
-    setting the folder came from (output_dir, --out) in messages.
+    An existing folder is refused unless --resume (continue it) or --overwrite; --overwrite replaces only a
+    folder this command wrote (its pqfn.io.MARKER names `command`), and the replacement happens in
+    pqfn.io.replacing_folder once the new result is complete. `inputs`: what the command reads (config,
+    data, fold models); the folder may not be, contain or lie inside any of them, whatever --overwrite says.
+    `can_resume`: whether the command has --resume (only then is it suggested); `key` names the setting the
+    folder came from (output_dir, --out) in messages.
     """
-    from pqfn.io import check_output_paths
+    from pqfn.io import MARKER, written_by
 
+    if resume and overwrite:
+        raise PqfnError(f"--resume and --overwrite contradict each other: --resume continues {out}, --overwrite "
+                        "replaces it; pass one of them")
     check_output_paths(folders={key: out})  # a file in the way fails here, before any work
+    check_not_on_inputs({key: out}, inputs)
     if out.exists() and any(out.iterdir()):
-        if overwrite:
-            shutil.rmtree(out)
-        elif not resume:
+        if not resume and not written_by(out, command):
+            raise PqfnError(f"{key} {out}: already exists and was not written by `pqfn {command}` (it has no {MARKER} "
+                            f"file naming it), so --overwrite will not replace it: choose another {key} or move it away")
+        if not overwrite and not resume:
             how = "pass --resume to continue it or --overwrite to replace it" if can_resume else "pass --overwrite to replace it"
             raise PqfnError(f"{out}: {what} folder already exists; {how}")
     elif resume:
         raise PqfnError(f"{out}: nothing to resume (the folder does not exist or is empty)")
-    out.mkdir(parents=True, exist_ok=True)
+
+
+def _read_paths(config: str | Path, cfg: Any, model: Path | None = None) -> list[tuple[str, Path]]:
+    """What trial and evaluate read, for the output-path rule."""
+    pairs = [("config", Path(config)), ("data.path", cfg.data.path)]
+    if cfg.data.test_manifest is not None:
+        pairs.append(("data.test_manifest", cfg.data.test_manifest))
+    if cfg.trial.pretrained is not None:
+        pairs.append(("trial.pretrained", cfg.trial.pretrained))
+    if model is not None:
+        pairs.append(("--model folder", model))
+    return pairs
 
 
 # ---------------------------------------------------------------- synth
@@ -92,24 +116,35 @@ def _data(cfg: Any) -> tuple[Any, Any]:
 
 
 def cmd_trial(a: argparse.Namespace) -> int:
-    import torch
-    from tqdm import tqdm
-
-    from pqfn.config import dump_config, with_overrides
-    from pqfn.io import load_checkpoint
-    from pqfn.report import atomic_write, plot_curves, write_metrics_csv
-    from pqfn.splits import describe_pool, write_folds_csv
-    from pqfn.trial import CrossValidation
-    from pqfn.wandb_log import check_mode, trial_run
+    from pqfn.config import with_overrides
+    from pqfn.wandb_log import check_mode
 
     cfg = _load(a)
     if a.no_wandb:
         cfg = with_overrides(cfg, {"wandb.mode": "disabled"}, source="--no-wandb")
-    tc = cfg.trial
     check_mode(cfg)
     out = Path(a.out or cfg.output_dir / f"{cfg.name}-trial")
-    prepare_out_dir(out, resume=a.resume, overwrite=a.overwrite, what="trial results",
-                    key="--out" if a.out else "output_dir")
+    prepare_out_dir(out, resume=a.resume, overwrite=a.overwrite, what="trial results", command="trial",
+                    key="--out" if a.out else "output_dir", inputs=_read_paths(a.config, cfg))
+    # --overwrite: the old folder waits aside until this run completes, and comes back if it fails
+    with contextlib.nullcontext(out) if a.resume else replacing_folder(out, keep_if="checkpoint.pt"):
+        if not a.resume:  # a resumed folder gets its marker once its checkpoint has been read
+            write_marker(out, "trial")
+        return _run_trial(a, cfg, out)
+
+
+def _run_trial(a: argparse.Namespace, cfg: Any, out: Path) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from pqfn.config import dump_config
+    from pqfn.io import load_checkpoint
+    from pqfn.report import atomic_write, plot_curves, write_metrics_csv
+    from pqfn.splits import describe_pool, write_folds_csv
+    from pqfn.trial import CrossValidation
+    from pqfn.wandb_log import trial_run
+
+    tc = cfg.trial
     ckpt = out / "checkpoint.pt"
     # Read the checkpoint before decoding any image: a damaged one (killed mid-write, full disk) fails at once.
     state = load_checkpoint(ckpt, required=("epoch", "history", "config", "learners"),
@@ -123,6 +158,7 @@ def cmd_trial(a: argparse.Namespace) -> int:
             raise PqfnError(f"{ckpt}: does not fit this trial ({type(e).__name__}: {str(e).strip()[:150]}); "
                             "pass --overwrite to start the trial again") from None
         print(f"resuming {out} after epoch {cv.epoch}")
+        write_marker(out, "trial")
     atomic_write(out / "config.yaml", dump_config(cfg))
     write_folds_csv(out / "folds.csv", ds, holdout, cv.entries, cv.folds)
     atomic_write(out / "pool.json", json.dumps(describe_pool(ds, cv.entries), indent=2))
@@ -180,28 +216,35 @@ def cmd_trial(a: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- evaluate
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from pqfn.config import dump_config
-    from pqfn.ensemble import load_members, load_oof
+    from pqfn.ensemble import check_fold_folder, check_oof_fits, load_members, load_oof
     from pqfn.evaluate import evaluate_holdout
     from pqfn.report import atomic_write
     from pqfn.trial import CrossValidation
 
     cfg = _load(a)
     out = Path(a.out or cfg.output_dir / f"{cfg.name}-eval")
-    prepare_out_dir(out, resume=False, overwrite=a.overwrite, what="evaluation", can_resume=False,
-                    key="--out" if a.out else "output_dir")
-    ds, holdout = _data(cfg)
-    atomic_write(out / "config.yaml", dump_config(cfg))
-    if a.model:  # the fold models of an earlier `pqfn trial` (or a sweep's trials/<id>/ folder)
-        folder = Path(a.model)
+    folder = Path(a.model) if a.model else None  # the fold models of an earlier `pqfn trial` or a sweep trial
+    if folder is not None:
+        check_fold_folder(folder)
+    prepare_out_dir(out, resume=False, overwrite=a.overwrite, what="evaluation", command="evaluate",
+                    can_resume=False, key="--out" if a.out else "output_dir", inputs=_read_paths(a.config, cfg, folder))
+    if folder is not None:  # read (and so checked) before any image is decoded
         model, oof = load_members(folder, cfg.trial.model), load_oof(folder)
-    else:
-        tc = cfg.trial
-        print(f"training the {tc.folds} fold models ({tc.data_size} images, {tc.resolution} px, {tc.epochs} epochs) ...")
-        cv = CrossValidation(tc, ds, holdout.pool)
-        cv.fit(lambda rec, cv: print(f"  epoch {int(rec['epoch'])}: val/bal_acc {rec['val/bal_acc']:.3f}"))
-        cv.save_models(out)
-        model, oof = load_members(out, tc.model), cv.out_of_fold()
-    m, _ = evaluate_holdout(cfg.trial, cfg.evaluate, model, oof, ds, holdout, out, decode_size=cfg.data.decode_size)
+    # A failed run leaves no folder behind (or the old one, with --overwrite): its corrected rerun is not refused.
+    with replacing_folder(out):
+        write_marker(out, "evaluate")
+        ds, holdout = _data(cfg)
+        atomic_write(out / "config.yaml", dump_config(cfg))
+        if folder is not None:
+            check_oof_fits(folder, oof[0], len(ds), holdout.pool)
+        else:
+            tc = cfg.trial
+            print(f"training the {tc.folds} fold models ({tc.data_size} images, {tc.resolution} px, {tc.epochs} epochs) ...")
+            cv = CrossValidation(tc, ds, holdout.pool)
+            cv.fit(lambda rec, cv: print(f"  epoch {int(rec['epoch'])}: val/bal_acc {rec['val/bal_acc']:.3f}"))
+            cv.save_models(out)
+            model, oof = load_members(out, tc.model), cv.out_of_fold()
+        m, _ = evaluate_holdout(cfg.trial, cfg.evaluate, model, oof, ds, holdout, out, decode_size=cfg.data.decode_size)
     print_evaluation(m)
     print(f"results: {out} (evaluation.json, confusion.png, predictions.csv, models.safetensors)")
     return 0
@@ -236,6 +279,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
 def cmd_report(a: argparse.Namespace) -> int:
     """Re-run the sweep's select and write steps from its results folder (no Ray, no W&B, no training)."""
     from pqfn.config import load_config
+    from pqfn.io import read_json
     from pqfn.records import SweepResult
     from pqfn.report import plot_confusion, print_summary, read_trials_csv, write_sweep
     from pqfn.selection import select
@@ -245,10 +289,13 @@ def cmd_report(a: argparse.Namespace) -> int:
         raise PqfnError(f"{run_dir}: no trials.csv; expected a sweep results folder")
     cfg = load_config(run_dir / "config.yaml")
     rows = read_trials_csv(run_dir / "trials.csv")
+    ev_file = run_dir / "final" / "evaluation.json"  # read before anything is written: damaged -> one line
+    evaluation = read_json(ev_file, "held-out evaluation (final/evaluation.json)") if ev_file.exists() else None
+    if evaluation is not None and not isinstance(evaluation, dict):
+        raise PqfnError(f"{ev_file}: holds a {type(evaluation).__name__}; expected the evaluation a sweep writes "
+                        "(re-run the sweep command to write it again)")
     selection = select(rows, cfg.selection)
     write_sweep(run_dir, cfg, rows, selection)
-    ev_file = run_dir / "final" / "evaluation.json"
-    evaluation = json.loads(ev_file.read_text()) if ev_file.exists() else None
     if evaluation is not None and selection.selected is not None and evaluation.get("trial_id") != selection.selected["trial_id"]:
         print(f"pqfn: warning: final/evaluation.json is of trial {evaluation.get('trial_id')}, not of the selection "
               f"{selection.selected['trial_id']}; re-run the sweep command to evaluate it", file=sys.stderr)
@@ -299,18 +346,35 @@ def cmd_dfi(a: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- predict, export
+def _check_device(flag: str, device: str) -> None:
+    """--device cuda on a machine without a usable GPU: one line naming the flag, before any work."""
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise PqfnError(f"{flag} cuda: no CUDA GPU is usable here (torch.cuda.is_available() is false); "
+                            "use --device cpu or --device auto")
+
+
 def cmd_predict(a: argparse.Namespace) -> int:
     from pqfn.bundle import load_bundle
-    from pqfn.predict import predict, summary_path, write_csv
+    from pqfn.predict import check_outputs, classify, collect_inputs, summary_path, write_csv
 
+    if a.batch < 1:
+        raise PqfnError(f"--batch {a.batch}: expected a positive number of images per batch, e.g. --batch 64")
+    _check_device("--device", a.device)
     out = Path(a.out)
     summary = summary_path(out)
-    for f in (out, summary):
-        if f.exists() and not a.overwrite:
-            raise PqfnError(f"{f}: already exists; pass --overwrite to replace it")
+    explain = Path(a.explain) if a.explain else None
+    check_output_paths(folders={"--explain": explain}, files={"--out": out, "summary": summary}, create_parents=True)
+    check_not_on_inputs({"--out": out, "summary": summary, "--explain": explain},
+                        [("bundle", Path(a.bundle))] + [("input", Path(p)) for p in a.inputs])  # before any listing
+    items, skipped = collect_inputs(a.inputs)
+    # every output is checked before the bundle is loaded or an image decoded (pqfn.io, output-path rule)
+    check_outputs(Path(a.bundle), a.inputs, items, out=out, summary=summary, explain=explain, overwrite=a.overwrite)
     bundle = load_bundle(a.bundle)
-    res = predict(bundle, a.inputs, batch=a.batch, device=a.device, adjust=False if a.raw else None,
-                  explain_dir=a.explain, progress=True)
+    res = classify(bundle, items, skipped, batch=a.batch, device=a.device, adjust=False if a.raw else None,
+                   explain=explain, progress=True)
     write_csv(out, res.rows)
     counts = ", ".join(f"{c}={sum(r['predicted'] == c for r in res.rows)}" for c in bundle.classes)
     how = "prior-adjusted" if res.adjusted else "raw (no prior adjustment)"
@@ -331,8 +395,9 @@ def cmd_predict(a: argparse.Namespace) -> int:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    from pqfn.export import export_onnx
+    from pqfn.export import check_opset, export_onnx
 
+    check_opset(a.opset)
     out = export_onnx(a.bundle, Path(a.onnx), opset=a.opset, overwrite=a.overwrite)
     print(f"ONNX model: {out} (opset {a.opset}, dynamic batch); preprocessing: "
           f"{out.with_name(out.stem + '.preprocessing.json')}")
@@ -419,14 +484,16 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.Argume
     pr.add_argument("--batch", type=int, default=64, help="images per batch (default 64)")
     pr.add_argument("--raw", action="store_true", help="predict without the bundle's class-prior adjustment")
     pr.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    pr.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    pr.add_argument("--overwrite", action="store_true",
+                    help="replace this command's own earlier outputs (never an input, never another file)")
     pr.set_defaults(func=cmd_predict)
 
     ex = sub.add_parser("export", help="export a model bundle to ONNX (dynamic batch, preprocessing note)")
     ex.add_argument("bundle", help="a model bundle folder")
     ex.add_argument("--onnx", required=True, metavar="FILE", help="the ONNX file to write")
     ex.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
-    ex.add_argument("--overwrite", action="store_true", help="replace an existing ONNX file")
+    ex.add_argument("--overwrite", action="store_true",
+                    help="replace an ONNX file and preprocessing note that pqfn export wrote")
     ex.set_defaults(func=cmd_export)
     return p
 

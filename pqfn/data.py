@@ -33,6 +33,34 @@ class SkippedImagesWarning(UserWarning):
     pass
 
 
+# Images above this many pixels are not decoded (PIL's decompression-bomb limit, about 9459 x 9459): a tiny
+# file can claim 20000 x 20000 pixels and take gigabytes to decode. They are listed like any unreadable file.
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+# PIL warns between 1x and 2x its limit and raises above; decode_image refuses both itself, so the warning
+# would only repeat what the skipped-files line says.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+class ImageTooLarge(ValueError):
+    pass
+
+
+# What decoding a user's file can raise; each becomes a skipped-file entry (or a data.strict error).
+UNREADABLE = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def unreadable(file: Path, e: BaseException) -> str:
+    """One skipped-file entry: the file and why it was not read."""
+    if isinstance(e, FileNotFoundError):
+        why = "not found"
+    elif isinstance(e, (ImageTooLarge, Image.DecompressionBombError)):
+        size = f"{e}, " if isinstance(e, ImageTooLarge) else ""
+        why = f"too large to decode safely: {size}over the {MAX_PIXELS:,}-pixel limit"
+    else:
+        why = type(e).__name__
+    return f"{file} ({why})"
+
+
 @dataclass(frozen=True)
 class Dataset:
     """Decoded images and their metadata; row i of every array describes image i."""
@@ -154,6 +182,9 @@ def read_folders(root: Path, cfg: DataConfig) -> list[_Row]:
 def decode_image(file: Path, size: int) -> np.ndarray:
     """One image file -> (size, size) uint8 grayscale. 16-bit images are scaled by 255/65535."""
     with Image.open(file) as src:
+        w, h = src.size
+        if w * h > MAX_PIXELS:  # before load(): the header alone says how much memory decoding would take
+            raise ImageTooLarge(f"{w} x {h} pixels")
         src.load()
         im: Image.Image = src
         if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
@@ -190,9 +221,8 @@ def _decode_all(rows: list[_Row], cfg: DataConfig) -> tuple[np.ndarray, list[int
         try:
             out[len(kept)] = decode_image(r.file, cfg.decode_size)
             kept.append(i)
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
-            reason = "not found" if isinstance(e, FileNotFoundError) else type(e).__name__
-            bad.append(f"{r.file} ({reason})")
+        except UNREADABLE as e:
+            bad.append(unreadable(r.file, e))
     return out[: len(kept)], kept, bad
 
 

@@ -17,13 +17,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from sklearn.metrics import f1_score
 from torch import nn
 
 from pqfn.bootstrap import metric_draws
 from pqfn.config import CLASSES
 from pqfn.errors import TrialError
+from pqfn.io import read_npz, read_safetensors
 from pqfn.model import build_model
 
 MODELS_FILE = "models.safetensors"
@@ -56,13 +57,28 @@ def save_members(folder: Path, members: list[nn.Module], oof_index: np.ndarray, 
     tmp_oof.replace(folder / OOF_FILE)
 
 
+FOLD_FILES_HINT = (f"`pqfn trial` and a sweep trial (trials/<id>/) write {MODELS_FILE} and {OOF_FILE} into their "
+                   "results folder, which --model takes")
+
+
+def check_fold_folder(folder: Path, key: str = "--model") -> None:
+    """A fold-model folder, named by `key`: a file or a missing path is one line naming it."""
+    if folder.is_file():
+        raise TrialError(f"{key} {folder}: is a file; expected the folder that holds it ({FOLD_FILES_HINT})")
+    if not folder.is_dir():
+        raise TrialError(f"{key} {folder}: no such folder; expected a folder of fold models ({FOLD_FILES_HINT})")
+
+
 def load_members(folder: Path, model_name: str) -> FoldEnsemble:
+    """The fold models of a trial folder, read through the guarded reader (damaged or foreign: one line)."""
     path = folder / MODELS_FILE
+    sd = read_safetensors(path, "the trial's fold models", TrialError, FOLD_FILES_HINT)
     try:
-        sd = load_file(str(path))
-    except (OSError, ValueError, RuntimeError) as e:
-        raise TrialError(f"{path}: cannot read the trial's fold models ({type(e).__name__})") from None
-    n = 1 + max((int(k.split(".", 1)[0].removeprefix("member")) for k in sd), default=-1)
+        n = 1 + max((int(k.split(".", 1)[0].removeprefix("member")) for k in sd), default=-1)
+    except ValueError:
+        n = 0
+    if n == 0:
+        raise TrialError(f"{path}: holds no member<k>.* fold-model weights; {FOLD_FILES_HINT}")
     members = []
     for k in range(n):
         m = build_model(model_name)
@@ -78,12 +94,28 @@ def load_members(folder: Path, model_name: str) -> FoldEnsemble:
 def load_oof(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     """The out-of-fold (dataset rows, logits) saved beside the fold models; a missing or damaged file: one line."""
     path = folder / OOF_FILE
-    try:
-        with np.load(path) as z:
-            return z["index"], z["logits"]
-    except (OSError, ValueError, KeyError, EOFError) as e:
-        raise TrialError(f"{path}: cannot read the out-of-fold predictions ({type(e).__name__}); expected the "
-                         "oof.npz that `pqfn trial` or a sweep trial writes beside models.safetensors") from None
+    z = read_npz(path, ("index", "logits"), "the out-of-fold predictions", TrialError, FOLD_FILES_HINT)
+    index, logits = z["index"], z["logits"]
+    if (index.ndim != 1 or not np.issubdtype(index.dtype, np.integer) or logits.ndim != 2
+            or logits.shape != (len(index), len(CLASSES)) or not np.isfinite(logits).all()):
+        raise TrialError(f"{path}: index {index.shape} {index.dtype} and logits {logits.shape} are not out-of-fold "
+                         f"predictions (expected N integer rows and finite (N, {len(CLASSES)}) logits); {FOLD_FILES_HINT}")
+    return index, logits
+
+
+def check_oof_fits(folder: Path, index: np.ndarray, n_rows: int, pool: np.ndarray) -> None:
+    """The out-of-fold rows must be rows of this data set's search pool: an oof.npz of another data set (or
+    of another split) would pair logits with the wrong labels."""
+    path = folder / OOF_FILE
+    if len(index) and (index.min() < 0 or index.max() >= n_rows):
+        raise TrialError(f"{path}: names data set row {int(index.max() if index.max() >= n_rows else index.min())} "
+                         f"but this data set has {n_rows} images: it was written for another data set; "
+                         "evaluate it with the config that trained it")
+    outside = np.setdiff1d(index, pool)
+    if len(outside) or len(np.unique(index)) != len(index):
+        raise TrialError(f"{path}: {len(outside)} of its {len(index)} rows are not in this data set's search pool "
+                         "(held-out rows or repeats): it was written for another data set or split; evaluate it "
+                         "with the config that trained it")
 
 
 def natural_priors(labels: np.ndarray) -> np.ndarray:

@@ -9,11 +9,13 @@ so a misplaced path fails in a second, not after the expensive part, and nothing
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import os
-from collections.abc import Iterator, Mapping
+import shutil
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -163,12 +165,13 @@ def _nearest_existing(p: Path) -> Path:
 
 
 def check_output_paths(folders: Mapping[str, Path | None] | None = None,
-                       files: Mapping[str, Path | None] | None = None) -> None:
+                       files: Mapping[str, Path | None] | None = None, *, create_parents: bool = False) -> None:
     """Check, before any work, that outputs can be written. Keys name the setting for the message.
 
     folders: {"output_dir": Path(...)}: must be a folder or creatable (no file on the way, writable).
     files: {"--plot": Path(...)}: its folder must already exist (a typo'd folder is not created
-    silently) and the path itself must not be a folder. None values are skipped.
+    silently; with create_parents, a creatable folder will do) and the path itself must not be a
+    folder. None values are skipped.
     """
     for key, p in (folders or {}).items():
         if p is None:
@@ -188,6 +191,9 @@ def check_output_paths(folders: Mapping[str, Path | None] | None = None,
         parent = p.absolute().parent
         if p.is_dir():
             raise PqfnError(f"{key} {p}: is a folder, expected a file name")
+        if create_parents and not parent.exists():
+            check_output_paths(folders={f"{key} {p}: folder": p.parent})
+            continue
         if not parent.exists():
             raise PqfnError(f"{key} {p}: folder {p.parent} does not exist")
         if not parent.is_dir():
@@ -201,3 +207,144 @@ def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+# ---------------------------------------------------------------- outputs never land on inputs
+def _real(p: Path) -> Path:
+    return Path(os.path.realpath(Path(p).expanduser()))  # symlinks followed: a link to a scan is that scan
+
+
+def check_not_on_inputs(outputs: Mapping[str, Path | None], inputs: Iterable[tuple[str, Path]]) -> None:
+    """Refuse, before any work and whatever --overwrite says, an output that is, contains or lies inside an input.
+
+    outputs: {"--out": Path(...)} (the key names the flag or setting); inputs: (what, path) pairs, e.g.
+    ("input folder", scans), ("manifest", list.csv), ("bundle", B), ("scan", file). An output inside an input
+    folder would be read back as input next time (or overwrite it); one that contains an input would take it
+    along when it is replaced.
+    """
+    ins = [(what, Path(p), _real(p)) for what, p in inputs]
+    for key, out in outputs.items():
+        if out is None:
+            continue
+        o = _real(out)
+        for what, shown, i in ins:
+            if o == i:
+                how = "is"
+            elif o.is_relative_to(i):
+                how = "lies inside"
+            elif i.is_relative_to(o):
+                how = "contains"
+            else:
+                continue
+            raise PqfnError(f"{key} {out}: {how} the {what} {shown}; an output never lands on an input "
+                            "(whatever --overwrite says): choose another path")
+
+
+# An output folder a pqfn command wrote holds this marker (JSON: {"command": ...}); --overwrite replaces a
+# folder only when its marker names the same command, so it never deletes a folder it did not write.
+MARKER = ".pqfn-output"
+
+
+def write_marker(folder: Path, command: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / MARKER, json.dumps({"command": command}) + "\n")
+
+
+def written_by(folder: Path, command: str) -> bool:
+    """Whether `folder` holds the marker of `command` (an unreadable marker is not a match)."""
+    try:
+        return json.loads((folder / MARKER).read_text()).get("command") == command
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_replaceable(key: str, path: Path, overwrite: bool, *, mine: bool, what: str) -> None:
+    """An existing output: refused without --overwrite; with it, replaced only when `mine` (the same command
+    wrote it, as `what` says how it is recognised)."""
+    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+        return
+    if not overwrite:
+        raise PqfnError(f"{key} {path}: already exists; pass --overwrite to replace it")
+    if not mine:
+        raise PqfnError(f"{key} {path}: already exists and was not written by this command (expected {what}); "
+                        "--overwrite replaces only its own earlier output: move it away or choose another path")
+
+
+@contextlib.contextmanager
+def replacing_folder(out: Path, *, keep_if: str | None = None) -> Iterator[Path]:
+    """Write a new result into `out` while its old content (if any) waits aside; the old one is deleted only
+    once the new one is complete. On failure (an exception, Ctrl-C) the new partial folder is removed and the
+    old one put back; with no old one, the partial folder is kept only when it holds the file `keep_if` (a
+    trial's checkpoint, which --resume continues). So a failed run leaves nothing that blocks its rerun."""
+    old: Path | None = None
+    if out.exists() and any(out.iterdir()):
+        old = out.with_name(f".{out.name}.replaced-{os.getpid()}")
+        out.replace(old)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        yield out
+    except BaseException:
+        if old is not None:
+            shutil.rmtree(out, ignore_errors=True)
+            old.replace(out)
+        elif keep_if is None or not (out / keep_if).exists():
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def swap_in_folder(staged: Path, out: Path) -> None:
+    """Move a completed folder `staged` to `out`, replacing what is there only after the new one exists."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.replaced-{os.getpid()}")
+        out.replace(old)
+    staged.replace(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- model files
+def read_safetensors(path: Path, what: str, error: type[PqfnError] = PqfnError, hint: str = "") -> dict[str, Any]:
+    """A safetensors file -> {name: tensor}. Missing, truncated, a torch pickle under this name, ... -> one line."""
+    from safetensors.torch import load_file
+
+    then = f"; {hint}" if hint else ""
+    if path.is_dir():
+        raise error(f"{path}: is a folder; expected {what} (a safetensors file){then}")
+    if not path.is_file():
+        raise error(f"{path}: no such file; expected {what}{then}")
+    try:
+        return load_file(str(path))
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError, OSError, ...
+        with path.open("rb") as f:
+            head = f.read(2)
+        if head == b"PK" or head[:1] == b"\x80":  # torch.save's zip, or a bare pickle
+            raise error(f"{path}: is a torch.save (pickle) file, not safetensors; expected {what}{then}") from None
+        raise error(f"{path}: damaged or not a safetensors file ({type(e).__name__}: {_first_line(e)}); "
+                    f"expected {what}{then}") from None
+
+
+def read_npz(path: Path, keys: tuple[str, ...], what: str, error: type[PqfnError] = PqfnError,
+             hint: str = "") -> dict[str, Any]:
+    """A numpy .npz holding `keys` -> {key: array}; missing, truncated or foreign files -> one line."""
+    import numpy as np
+
+    then = f"; {hint}" if hint else ""
+    if not path.is_file():
+        raise error(f"{path}: {'is a folder' if path.is_dir() else 'no such file'}; expected {what}{then}")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in keys if k not in z.files]
+            if missing:
+                raise error(f"{path}: lacks {missing}; expected {what}{then}")
+            return {k: z[k] for k in keys}
+    except PqfnError:
+        raise
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - zipfile, pickle and format errors all mean a damaged file
+        raise error(f"{path}: damaged or not a .npz file ({type(e).__name__}); expected {what}{then}") from None

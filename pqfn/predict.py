@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import time
 import warnings
 from collections.abc import Iterable, Sequence
@@ -26,13 +27,21 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import UnidentifiedImageError
 
 from pqfn.bundle import Bundle, load_bundle
 from pqfn.config import CLASS_NAMES, CLASSES
-from pqfn.data import IMAGE_SUFFIXES, SkippedImagesWarning, decode_image
+from pqfn.data import IMAGE_SUFFIXES, UNREADABLE, SkippedImagesWarning, decode_image, unreadable
 from pqfn.errors import DataError
-from pqfn.io import read_csv
+from pqfn.io import (
+    MARKER,
+    check_not_on_inputs,
+    check_output_paths,
+    check_replaceable,
+    read_csv,
+    swap_in_folder,
+    write_marker,
+    written_by,
+)
 
 SEVERITY = ("D", "A", "B", "C")  # least to most severe (module docstring)
 META_COLUMNS = ("label", "package_id", "metallization", "cycles")
@@ -72,6 +81,10 @@ class Predictions:
         return {"accuracy": float((y == p).mean()), "balanced_accuracy": float(np.mean(recalls)), "n": len(y)}
 
 
+class DuplicateInputsWarning(UserWarning):
+    """The same scan was given more than once (a repeated manifest row, a file also inside a given folder)."""
+
+
 def _read_manifest(path: Path) -> tuple[list[InputImage], set[Path]]:
     """A manifest's scans (with their metadata) and the mask files it names (binary, non-UTF-8 or ragged
     files: one DataError line naming the file)."""
@@ -87,39 +100,91 @@ def _read_manifest(path: Path) -> tuple[list[InputImage], set[Path]]:
     return items, masks
 
 
+def _listed(path: Path) -> list[InputImage]:
+    """A manifest given as an input: its rows, refused with one line when it has none or none of them exists."""
+    items = _read_manifest(path)[0]
+    if not items:
+        raise DataError(f"{path}: the manifest lists no scans (no row with a path)")
+    if not any(it.file.is_file() for it in items):
+        raise DataError(f"{path}: none of the {len(items)} path(s) it lists exists, e.g. {items[0].name!r} "
+                        f"(paths are relative to the manifest's folder {path.parent})")
+    return items
+
+
+def _folder(p: Path, skipped: list[str]) -> list[InputImage]:
+    """A folder's scans (recursively); an empty folder or one without image files is refused by name."""
+    meta: dict[Path, dict[str, str]] = {}
+    masks: set[Path] = set()
+    if (p / "manifest.csv").is_file():
+        listed, masks = _read_manifest(p / "manifest.csv")
+        meta = {it.file.resolve(): it.meta for it in listed}
+    items, others, files = [], [], 0
+    for f in sorted(p.rglob("*")):
+        if f.is_symlink():
+            try:
+                f.resolve(strict=True)
+            except (OSError, RuntimeError):  # a link to itself, a loop, or to nothing
+                skipped.append(f"{f} (symlink loop or broken link)")
+                continue
+        if not f.is_file():
+            continue
+        files += 1
+        suffix = f.suffix.lower()
+        if suffix in IMAGE_SUFFIXES:
+            if f.resolve() not in masks:
+                items.append(InputImage(f, str(f.relative_to(p)), meta.get(f.resolve(), {})))
+        elif suffix not in COMPANION_SUFFIXES:
+            others.append(f)
+    skipped += [f"{f} (not an image)" for f in others]
+    if not files:
+        raise DataError(f"{p}: the folder is empty; expected scans ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    if not items:
+        raise DataError(f"{p}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) among its {files} file(s)"
+                        + (f", e.g. {others[0].name}" if others else ""))
+    return items
+
+
 def collect_inputs(inputs: Iterable[str | Path]) -> tuple[list[InputImage], list[str]]:
-    """Files, folders and manifests -> the images to classify, and the files left out as not images."""
+    """Files, folders and manifests -> the images to classify (each file once), and the files left out.
+
+    An input that cannot give a scan (an empty folder, a folder without image files, a manifest whose paths
+    are all missing) is one DataError naming it. A scan given twice is classified once; the repeats are
+    listed in one DuplicateInputsWarning.
+    """
     items: list[InputImage] = []
     skipped: list[str] = []
     for raw in inputs:
         p = Path(raw)
         if p.is_dir():
-            meta: dict[Path, dict[str, str]] = {}
-            masks: set[Path] = set()
-            if (p / "manifest.csv").is_file():
-                listed, masks = _read_manifest(p / "manifest.csv")
-                meta = {it.file.resolve(): it.meta for it in listed}
-            for f in sorted(x for x in p.rglob("*") if x.is_file()):
-                suffix = f.suffix.lower()
-                if suffix in IMAGE_SUFFIXES:
-                    if f.resolve() not in masks:
-                        items.append(InputImage(f, str(f.relative_to(p)), meta.get(f.resolve(), {})))
-                elif suffix not in COMPANION_SUFFIXES:
-                    skipped.append(f"{f} (not an image)")
+            items += _folder(p, skipped)
         elif p.is_file() and p.suffix.lower() == ".csv":
-            items.extend(_read_manifest(p)[0])
+            items += _listed(p)
         elif p.is_file():
             items.append(InputImage(p, p.name))  # named explicitly: tried whatever its suffix
         else:
             raise DataError(f"{p}: no such file or folder")
-    return items, skipped
+    seen: set[str] = set()
+    unique: list[InputImage] = []
+    repeats: list[str] = []
+    for it in items:
+        key = os.path.realpath(it.file)
+        if key in seen:
+            repeats.append(str(it.file))
+        else:
+            seen.add(key)
+            unique.append(it)
+    if repeats:
+        listing = ", ".join(repeats[:5]) + (f" and {len(repeats) - 5} more" if len(repeats) > 5 else "")
+        warnings.warn(f"{len(repeats)} scan(s) given more than once (a repeated manifest row, or a file also in a "
+                      f"given folder), classified and counted once: {listing}", DuplicateInputsWarning, stacklevel=2)
+    return unique, skipped
 
 
 def _decode(item: InputImage, size: int) -> np.ndarray | str:
     try:
         return decode_image(item.file, size)
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
-        return f"{item.file} ({'not found' if isinstance(e, FileNotFoundError) else type(e).__name__})"
+    except UNREADABLE as e:
+        return unreadable(item.file, e)
 
 
 def _overlay_name(name: str, used: set[str]) -> str:
@@ -157,65 +222,132 @@ def summarise(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+# How --overwrite recognises predict's own earlier output: the tables by their first columns, the overlay
+# folder by its marker (pqfn.io.MARKER). Anything else at those paths is never replaced.
+PREDICTIONS_HEAD = "path,predicted,prob_"
+SUMMARY_HEAD = "package_id,metallization,cycles,n_scans,worst_predicted"
+EXPLAIN_COMMAND = "pqfn predict --explain"
+
+
+def _starts_with(path: Path, head: str) -> bool:
+    try:
+        with path.open("rb") as f:
+            return f.read(len(head)).decode("utf-8", "replace") == head
+    except OSError:
+        return False
+
+
+def check_outputs(bundle_folder: Path, inputs: Iterable[str | Path], items: Sequence[InputImage], *,
+                  out: Path | None = None, summary: Path | None = None, explain: Path | None = None,
+                  overwrite: bool = False) -> None:
+    """Before any work: outputs are writable, land on no input (the bundle, an input file or folder, a listed
+    scan), and replace only predict's own earlier output, and only with overwrite."""
+    check_output_paths(folders={"--explain": explain}, files={"--out": out, "summary": summary}, create_parents=True)
+    pairs = [("bundle", Path(bundle_folder))] + [("input", Path(p)) for p in inputs]
+    pairs += [("scan", it.file) for it in items]
+    check_not_on_inputs({"--out": out, "summary": summary, "--explain": explain}, pairs)
+    for key, path, head, what in [
+        ("--out", out, PREDICTIONS_HEAD, f"a predictions CSV whose header starts {PREDICTIONS_HEAD!r}"),
+        ("summary", summary, SUMMARY_HEAD, f"a per-package summary whose header starts {SUMMARY_HEAD!r}"),
+    ]:
+        if path is not None:
+            check_replaceable(key, path, overwrite, mine=_starts_with(path, head), what=what)
+    if explain is not None:
+        check_replaceable("--explain", explain, overwrite, mine=written_by(explain, EXPLAIN_COMMAND),
+                          what=f"an overlay folder that `pqfn predict --explain` wrote, marked by its {MARKER} file")
+
+
 def predict(
     bundle: Bundle | Path | str, inputs: Iterable[str | Path] | str | Path, *, batch: int = 64,
     device: str = "auto", adjust: bool | None = None, explain_dir: Path | str | None = None,
-    progress: bool = False, workers: int | None = None,
+    progress: bool = False, workers: int | None = None, overwrite: bool = False,
 ) -> Predictions:
     """Classify images with a bundle (a folder or a loaded Bundle).
 
     adjust: prob_* and `predicted` with the prior adjustment (default: as the bundle says); raw_prob_* are
     always the unadjusted probabilities. explain_dir: write a Grad-CAM overlay PNG per image there (for the
-    predicted class). Unreadable files and non-images in folders are listed in one SkippedImagesWarning.
+    predicted class); an existing one is replaced only with overwrite and only when predict wrote it.
+    Unreadable files and non-images in folders are listed in one SkippedImagesWarning.
     workers: decoding threads (default: up to 4).
     """
+    t0 = time.perf_counter()
+    if isinstance(inputs, (str, Path)):
+        inputs = [inputs]
+    inputs = list(inputs)
+    folder = bundle.folder if isinstance(bundle, Bundle) else Path(bundle)
+    items, skipped = collect_inputs(inputs)
+    explain = Path(explain_dir) if explain_dir is not None else None
+    check_outputs(folder, inputs, items, explain=explain, overwrite=overwrite)
+    b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+    return classify(b, items, skipped, batch=batch, device=device, adjust=adjust, explain=explain,
+                    progress=progress, workers=workers, t0=t0)
+
+
+def classify(
+    b: Bundle, items: Sequence[InputImage], skipped: list[str], *, batch: int = 64, device: str = "auto",
+    adjust: bool | None = None, explain: Path | None = None, progress: bool = False, workers: int | None = None,
+    t0: float | None = None,
+) -> Predictions:
+    """predict() after the inputs are collected and the outputs checked. The overlays are written into a
+    hidden folder beside `explain` and moved there only when every image is done."""
     from tqdm.auto import tqdm
 
     from pqfn.trial import pick_device, predict_logits
 
-    t0 = time.perf_counter()
-    b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
-    if isinstance(inputs, (str, Path)):
-        inputs = [inputs]
-    items, skipped = collect_inputs(inputs)
+    t0 = time.perf_counter() if t0 is None else t0
+    if batch < 1:
+        raise DataError(f"batch {batch}: expected a positive number of images per batch")
     dev = pick_device(device)
     model = b.model.to(dev)
     use_adjust = b.adjusts if adjust is None else (adjust and b.priors is not None)
     pre = b.preprocessing
     rows: list[dict[str, Any]] = []
     used: set[str] = set()
+    skipped = list(skipped)
     workers = workers or min(4, os.cpu_count() or 1)
-    explain = Path(explain_dir) if explain_dir is not None else None
-    bar = tqdm(total=len(items), unit="img", disable=not progress or None, desc="pqfn predict")
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for s in range(0, len(items), batch):
-            chunk = items[s : s + batch]
-            decoded = list(pool.map(lambda it: _decode(it, pre.decode_size), chunk))
-            ok = [(it, d) for it, d in zip(chunk, decoded, strict=True) if isinstance(d, np.ndarray)]
-            skipped += [d for d in decoded if isinstance(d, str)]
-            bar.update(len(chunk))
-            if not ok:
-                continue
-            images = np.stack([d for _, d in ok])  # (B, decode_size, decode_size) uint8
-            x = pre.resize(images, dev)  # (B, 1, r, r) uint8
-            logits = predict_logits(b.trial, model, x, dev).cpu().numpy().astype(np.float64)
-            raw = b.probabilities(logits, adjust=False)
-            prob = b.probabilities(logits, adjust=use_adjust)
-            pred = prob.argmax(1)
-            for i, (it, _) in enumerate(ok):
-                row: dict[str, Any] = {"path": str(it.file), "predicted": CLASSES[pred[i]]}
-                row |= {f"prob_{c}": float(prob[i, k]) for k, c in enumerate(CLASSES)}
-                row |= {f"raw_prob_{c}": float(raw[i, k]) for k, c in enumerate(CLASSES)}
-                row |= {k: it.meta[k] for k in META_COLUMNS if k in it.meta}
-                rows.append(row)
-            if explain is not None:
-                _explain(explain, model, x, pred, prob, images, ok, used, dev)
-    bar.close()
-    if skipped:
-        listing = ", ".join(skipped[:10]) + (f" and {len(skipped) - 10} more" if len(skipped) > 10 else "")
-        warnings.warn(f"skipped {len(skipped)} file(s): {listing}", SkippedImagesWarning, stacklevel=2)
-    if not rows:
-        raise DataError("no readable images among the inputs")
+    explain = None if explain is None else explain.absolute()  # "." has no name to stage beside
+    stage = None if explain is None else explain.parent / f".{explain.name}.partial-{os.getpid()}"
+    try:
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
+            write_marker(stage, EXPLAIN_COMMAND)
+        bar = tqdm(total=len(items), unit="img", disable=not progress or None, desc="pqfn predict")
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for s in range(0, len(items), batch):
+                chunk = items[s : s + batch]
+                decoded = list(pool.map(lambda it: _decode(it, pre.decode_size), chunk))
+                ok = [(it, d) for it, d in zip(chunk, decoded, strict=True) if isinstance(d, np.ndarray)]
+                skipped += [d for d in decoded if isinstance(d, str)]
+                bar.update(len(chunk))
+                if not ok:
+                    continue
+                images = np.stack([d for _, d in ok])  # (B, decode_size, decode_size) uint8
+                x = pre.resize(images, dev)  # (B, 1, r, r) uint8
+                logits = predict_logits(b.trial, model, x, dev).cpu().numpy().astype(np.float64)
+                raw = b.probabilities(logits, adjust=False)
+                prob = b.probabilities(logits, adjust=use_adjust)
+                pred = prob.argmax(1)
+                for i, (it, _) in enumerate(ok):
+                    row: dict[str, Any] = {"path": str(it.file), "predicted": CLASSES[pred[i]]}
+                    row |= {f"prob_{c}": float(prob[i, k]) for k, c in enumerate(CLASSES)}
+                    row |= {f"raw_prob_{c}": float(raw[i, k]) for k, c in enumerate(CLASSES)}
+                    row |= {k: it.meta[k] for k in META_COLUMNS if k in it.meta}
+                    rows.append(row)
+                if stage is not None:
+                    _explain(stage, model, x, pred, prob, images, ok, used, dev)
+        bar.close()
+        if skipped:
+            listing = ", ".join(skipped[:10]) + (f" and {len(skipped) - 10} more" if len(skipped) > 10 else "")
+            warnings.warn(f"skipped {len(skipped)} file(s): {listing}", SkippedImagesWarning, stacklevel=2)
+        if not rows:
+            raise DataError(f"none of the {len(items)} image file(s) among the inputs could be read, e.g. "
+                            f"{items[0].file if items else '(none)'} (each is listed in the warning above)")
+        if stage is not None and explain is not None:
+            swap_in_folder(stage, explain)
+    except BaseException:
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
+        raise
     return Predictions(rows, summarise(rows), skipped, time.perf_counter() - t0, bool(use_adjust))
 
 
@@ -236,7 +368,7 @@ def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     for r in rows:
         cols += [k for k in r if k not in cols]
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with tmp.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, restval="")
         w.writeheader()

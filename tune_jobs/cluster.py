@@ -14,6 +14,7 @@ import json
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -177,3 +178,28 @@ def down(folder: Path) -> list[int]:
     stopped = _stop(state["pids"])
     (folder / STATE).unlink()
     return stopped
+
+
+def check_address(address: str | None, timeout_s: float = 3.0) -> None:
+    """`pqfn sweep --address`, checked before the sweep folder is made and before ray.init: a dashboard URL
+    (which Ray rejects with a ValueError) or an address where nothing listens (where Ray retries "Failed to
+    connect to GCS" for minutes) is one line naming the address and what to do."""
+    if not address or address in ("auto", "local"):
+        return
+    if address.startswith(("http://", "https://")):
+        raise PqfnError(f"--address {address}: is a dashboard (Ray Jobs) address; `pqfn sweep --address` joins a "
+                        "cluster's GCS, HOST:PORT (e.g. 127.0.0.1:6390, the gcs_address `pqfn cluster up` prints), "
+                        f"or submit the sweep to the dashboard with `pqfn submit CONFIG --address {address}`")
+    hostport = address.removeprefix("ray://")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise PqfnError(f"--address {address}: expected HOST:PORT of a Ray cluster's GCS (e.g. 127.0.0.1:6390), "
+                        "or leave it out to start a private local Ray")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as e:
+        why = "timed out" if isinstance(e, TimeoutError) else (e.strerror or type(e).__name__).lower()
+        raise PqfnError(f"--address {address}: nothing answers there ({why} within {timeout_s:g} s); start the "
+                        "cluster first (`pqfn cluster up`, or `ray start --head`) or check the address, or leave "
+                        "--address out to run on a private local Ray") from None

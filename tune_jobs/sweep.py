@@ -47,6 +47,7 @@ from pqfn.report import print_summary, read_trials_csv, write_sweep
 from pqfn.selection import select
 from pqfn.splits import HoldOut, build_pool, split_test
 from pqfn.wandb_log import check_mode, summary_run
+from tune_jobs.cluster import check_address
 from tune_jobs.progress import ProgressLines
 from tune_jobs.searcher import HonestOptunaSearch, ShuffledGridSampler, fail_orphans
 from tune_jobs.space import grid_points, optuna_space
@@ -459,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_intermixed_args(argv)  # key=value overrides may come before or after options
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:
+        check_address(a.address)  # before the sweep folder exists and before Ray: seconds, one line
         cfg = load_config(a.config, a.overrides)
         summary = run_sweep(cfg, address=a.address, resume=a.resume, overwrite=a.overwrite)
     except (PqfnError, ConfigError) as e:

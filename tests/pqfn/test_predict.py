@@ -96,7 +96,7 @@ def test_cli_predict_writes_tables_and_overlays(tmp_path: Path, bundle: Path, ca
     assert list(rows[0]) == ["path", "predicted", *(f"prob_{c}" for c in CLASSES), *(f"raw_prob_{c}" for c in CLASSES),
                              "package_id", "cycles"]
     assert (tmp_path / "out" / "pred_packages.csv").read_text().startswith("package_id,metallization,cycles,n_scans,worst_predicted")
-    assert sorted(p.name for p in (tmp_path / "cam").iterdir()) == ["P0_c100.png", "P1_c100.png"]
+    assert sorted(p.name for p in (tmp_path / "cam").iterdir()) == [".pqfn-output", "P0_c100.png", "P1_c100.png"]
     assert "images/s" in capsys.readouterr().out
     assert main(args) == 2 and "already exists" in capsys.readouterr().err
     assert main(["predict", str(bundle), str(tmp_path / "nowhere")]) == 2
