@@ -210,13 +210,6 @@ class PhaseClock:
         }
 
 
-def check_address(address: str | None) -> None:
-    """`pqfn sweep` joins a cluster through its GCS (HOST:6379, auto); a dashboard URL is for `pqfn submit`."""
-    if address and address.split("://")[0].lower() in ("http", "https"):
-        raise PqfnError(f"--address {address}: an HTTP address is a Ray dashboard, for `pqfn submit CONFIG --address "
-                        f"{address}`; `pqfn sweep` joins a running cluster at its GCS address (HOST:6379) or `auto`")
-
-
 def start_ray(address: str | None) -> bool:
     """Join `address` or start a private local Ray; True when started here (and so stopped here)."""
     if ray.is_initialized():
