@@ -180,7 +180,8 @@ def test_seeded_trial_is_pinned(tiny_ds: Dataset, pool: np.ndarray) -> None:
     """A silent change of behaviour (data path, folds, model, optimizer, augmentation, metrics) fails here.
 
     Values recorded before and after the code-path refactor (identical to the last digit on an AVX2 CPU
-    in fp32, 1 thread). Tolerances leave room for other CPUs' fp32 kernels: losses rtol 2e-3 (the sharp
+    in fp32, 1 thread); re-pinned in session 6 on an AVX-512 CPU (fp32, 1 thread) for simulator version 2's
+    images and the pool drawn at random up to a cycling step (both change the data this trial sees). Tolerances leave room for other CPUs' fp32 kernels: losses rtol 2e-3 (the sharp
     pin); accuracies within two images of one fold, since this 2-epoch model sits near chance (loss ~ ln 4)
     and an argmax flips on the last bits: an AVX512 CPU gives train/acc 0.284 here, one image from 0.314.
     """
@@ -190,12 +191,12 @@ def test_seeded_trial_is_pinned(tiny_ds: Dataset, pool: np.ndarray) -> None:
     # One image in the smallest fold moves the fold mean by 1 / (folds x its size).
     train_img = 1 / (cfg.folds * min(len(f.train_eval) for f in res.folds))
     val_img = 1 / (cfg.folds * min(len(f.val) for f in res.folds))
-    pinned = {"train/loss": 1.3873197436332703, "val/loss": 1.3905994892120361, "fold1/val/loss": 1.3618720769882202,
-              "fold2/train/loss": 1.3890345096588135}
+    pinned = {"train/loss": 1.3911945819854736, "val/loss": 1.4008445143699646, "fold1/val/loss": 1.3754454851150513,
+              "fold2/train/loss": 1.3977906703948975}
     for k, v in pinned.items():
         assert rec[k] == pytest.approx(v, rel=2e-3), k
-    assert rec["train/acc"] == pytest.approx(0.3137255012989044, abs=2 * train_img + 1e-6)
-    assert rec["val/acc"] == pytest.approx(0.34705883264541626, abs=2 * val_img + 1e-6)
+    assert rec["train/acc"] == pytest.approx(0.2137254998087883, abs=2 * train_img + 1e-6)
+    assert rec["val/acc"] == pytest.approx(0.22549020126461983, abs=2 * val_img + 1e-6)
 
 
 def test_progress_inside_an_epoch_without_ray(tiny_ds: Dataset, pool: np.ndarray) -> None:
