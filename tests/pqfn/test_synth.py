@@ -66,3 +66,40 @@ def test_synth_cli_preview_and_refuses_overwrite(tmp_path: Path, capsys: pytest.
     assert main(args) == 2
     assert "already holds a data set" in capsys.readouterr().err
     assert (out / "manifest.csv").read_text() == before
+
+
+def test_amplitudes_follow_the_reflection_coefficients() -> None:
+    from pqfn import synth
+
+    assert abs(synth.R_PAD - 0.73) < 0.01  # mold | Cu: a bonded pad
+    assert abs(synth.R_AIR - 1.0) < 1e-3  # mold | air: delamination or a void
+    assert synth.reflection(6.5, 0.0004) < 0  # the air gap inverts the phase
+
+
+def test_pristine_scans_carry_bright_features_that_are_not_delamination(tmp_path: Path) -> None:
+    # Voids (air, |R| = 1) in the mold of cycle-0 scans: bright pixels outside any pad, with an empty mask.
+    cfg = SynthConfig(packages={"Ag": 6, "NiPdAu": 0, "Cu": 0}, image_size=200, cycle_step=1000, seed=3)
+    recs = generate(cfg, tmp_path, workers=1)
+    fresh = [r for r in recs if r.cycles == 0]
+    assert all(r.label == "D" for r in fresh)
+    for r in fresh:
+        assert not np.asarray(Image.open(tmp_path / r.mask)).any()
+    # the void level (0.64-0.92) sits above the mold (0.22-0.28) by far more than the noise
+    bright_spots = [int((np.asarray(Image.open(tmp_path / r.path)) > 200).sum()) for r in fresh]
+    assert sum(s > 0 for s in bright_spots) >= 2
+
+
+def test_a_data_folder_of_an_earlier_simulator_is_refused(tmp_path: Path) -> None:
+    import json
+
+    from pqfn.config import DataConfig
+    from pqfn.data import ensure_synthetic
+    from pqfn.errors import DataError
+
+    syn = SynthConfig(packages={"Ag": 1, "NiPdAu": 0, "Cu": 0}, image_size=64, cycle_step=1000)
+    folder = tmp_path / "set"
+    folder.mkdir()
+    (folder / "manifest.csv").write_text("path,label\n")
+    (folder / "synth.json").write_text(json.dumps(syn.model_dump(mode="json")))  # version 1 wrote no "simulator"
+    with pytest.raises(DataError, match="earlier version of the simulator"):
+        ensure_synthetic(DataConfig(path=folder, synthetic=syn))
