@@ -148,7 +148,7 @@ def verdict(m: dict[str, Any]) -> str:
         short.append(f"macro-F1 {m['macro_f1']:.3f} <= always-{b['majority_class']} {b['majority_macro_f1']:.3f}")
     if short:
         return "DOES NOT BEAT the trivial baselines: " + "; ".join(short) + " (README, Troubleshooting)"
-    return (f"beats the baselines: accuracy {m['accuracy']:.3f} vs always-{b['majority_class']} {b['majority_accuracy']:.3f}, "
+    return (f"beats the trivial baselines: accuracy {m['accuracy']:.3f} vs always-{b['majority_class']} {b['majority_accuracy']:.3f}, "
             f"balanced accuracy {m['balanced_accuracy']:.3f} vs chance {b['chance_balanced_accuracy']:.2f}")
 
 

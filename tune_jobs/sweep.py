@@ -156,7 +156,7 @@ def run_sweep(cfg: Config, *, address: str | None = None, resume: bool = False, 
         started_here = start_ray(address)
     try:
         with clock("search"):
-            results = search(cfg, sdir, state, resuming, data, holdout, log)
+            results = search(cfg, sdir, state, resuming, data, holdout, log, private_ray=address in (None, "local"))
         outcomes = collect(results)
         drop_spent_checkpoints(results)
         slots = trial_slots(cfg)
@@ -269,8 +269,9 @@ def quiet_ray_noise() -> None:
 
 
 def search(cfg: Config, sdir: Path, state: dict[str, Any], resuming: bool, data: Dataset, holdout: HoldOut,
-           log: Callable[..., None]) -> Any:
-    """Run (or resume) the Tune experiment; returns Tune's ResultGrid."""
+           log: Callable[..., None], private_ray: bool = False) -> Any:
+    """Run (or resume) the Tune experiment; returns Tune's ResultGrid. On a private local Ray (this machine
+    only, nothing to autoscale) the resources note about an unset gpus_per_trial is not printed."""
     check_storage(cfg)
     quiet_ray_noise()
     tune_path = str(sdir / "tune")
@@ -278,7 +279,7 @@ def search(cfg: Config, sdir: Path, state: dict[str, Any], resuming: bool, data:
     # A restore needs Tune's experiment state too; without it (a sweep that failed or was killed before
     # Tune's first snapshot, e.g. on a data error) Tune logged a traceback and ran a single trial.
     restorable = resuming and tune.Tuner.can_restore(tune_path) and any(Path(tune_path).glob(EXPERIMENT_STATE))
-    trainable = make_trainable(cfg, data, holdout.pool, log)
+    trainable = make_trainable(cfg, data, holdout.pool, log, private_ray=private_ray)
     tuner, param_space = build_tuner(cfg, sdir, state, trainable)
     if restorable:
         log(f"resuming the interrupted sweep in {sdir}")

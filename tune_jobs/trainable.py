@@ -281,14 +281,16 @@ def out_of_memory(tc: TrialConfig, device: torch.device) -> Iterator[None]:
         ) from None
 
 
-def resources(cfg: Config, log: Callable[..., None] = print) -> dict[str, float]:
-    """What each trial asks Ray for; a trial.device that contradicts it is refused before any trial starts."""
+def resources(cfg: Config, log: Callable[..., None] = print, private_ray: bool = False) -> dict[str, float]:
+    """What each trial asks Ray for; a trial.device that contradicts it is refused before any trial starts.
+    On a private local Ray without GPUs (a laptop: nothing to autoscale) an unset gpus_per_trial is 0 silently."""
     gpus = cfg.resources.gpus_per_trial
     if gpus is None:
         have = ray.cluster_resources().get("GPU", 0)
         gpus = 0.25 if have > 0 else 0.0
-        log(f"resources.gpus_per_trial not set: the cluster has {have:g} GPU(s) now, so each trial asks for {gpus:g} "
-            "(set it for an autoscaling cluster whose GPU nodes are not up yet)")
+        if not (private_ray and have == 0):
+                log(f"resources.gpus_per_trial not set: the cluster has {have:g} GPU(s) now, so each trial asks for "
+                f"{gpus:g} (set it for an autoscaling cluster whose GPU nodes are not up yet)")
     device = cfg.trial.device
     if device == "cuda" and gpus == 0:
         raise PqfnError("trial.device=cuda but resources.gpus_per_trial is 0: no trial would be granted a GPU; "
@@ -302,8 +304,9 @@ def resources(cfg: Config, log: Callable[..., None] = print) -> dict[str, float]
     return {"cpu": cfg.resources.cpus_per_trial, "gpu": gpus}
 
 
-def make_trainable(cfg: Config, data: Dataset, pool: np.ndarray, log: Callable[..., None] = print) -> Any:
-    res = resources(cfg, log)
+def make_trainable(cfg: Config, data: Dataset, pool: np.ndarray, log: Callable[..., None] = print,
+                   private_ray: bool = False) -> Any:
+    res = resources(cfg, log, private_ray)
     dataset_file = write_dataset_file(cfg, data, pool)  # once, in the driver: what every run's dataset Artifact holds
     fn = tune.with_parameters(run_trial, base=cfg, data=data, pool=pool, cpus=res["cpu"], dataset_file=dataset_file)
     return tune.with_resources(fn, res)
