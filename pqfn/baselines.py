@@ -104,7 +104,8 @@ def make_baselines(ds: Dataset, rows: np.ndarray | None = None) -> list[Baseline
     other rows stay zero, so pass every row the baselines will be fitted on or asked about."""
     rows = np.arange(len(ds)) if rows is None else np.unique(rows)
     feats = np.zeros((len(ds), 3 * FEATURES_PER_REGION), np.float32)
-    feats[rows] = intensity_features(ds.images[rows])
+    for i in range(0, len(rows), 64):  # in chunks: float copies of 840 scans at 400 px would take gigabytes
+        feats[rows[i : i + 64]] = intensity_features(ds.images[rows[i : i + 64]])
     out = [Baseline("intensity", feats)]
     meta = metadata_features(ds)
     if meta is not None:

@@ -22,6 +22,7 @@ import numpy as np
 
 N_BOOT = 2000
 LEVEL = 0.95
+MIN_PACKAGES = 5  # fewer packages than this: resamples cannot show the noise; intervals are NaN (outcome "tied")
 METRICS = ("acc", "bal_acc", "f1")  # the held-out figures that get intervals, besides per-class recall
 
 
@@ -61,8 +62,10 @@ def confusion_by_package(y: np.ndarray, pred: np.ndarray, codes: np.ndarray, n_p
 def metrics_from_confusion(cm: np.ndarray) -> dict[str, np.ndarray]:
     """acc, bal_acc, f1 (macro) and recall_<i> for (..., k, k) confusion counts (row = true class).
 
-    A class absent from a resample has no recall: it is NaN and left out of the macro means (as
-    scikit-learn's balanced accuracy does); a class never predicted has precision 0 (zero_division=0).
+    A class absent from a resample has no recall: it is NaN and left out of balanced accuracy (as
+    scikit-learn's balanced_accuracy_score does); macro-F1 leaves out only a class neither present nor
+    predicted (as f1_score(average="macro", zero_division=0) without `labels` does); a class never
+    predicted has precision 0.
     """
     k = cm.shape[-1]
     diag = np.diagonal(cm, axis1=-2, axis2=-1)
@@ -74,7 +77,7 @@ def metrics_from_confusion(cm: np.ndarray) -> dict[str, np.ndarray]:
         precision = np.where(predicted > 0, diag / np.where(predicted > 0, predicted, 1), 0.0)
         denom = precision + np.nan_to_num(recall)
         f1 = np.where(denom > 0, 2 * precision * np.nan_to_num(recall) / np.where(denom > 0, denom, 1), 0.0)
-        f1 = np.where(support > 0, f1, np.nan)
+        f1 = np.where((support > 0) | (predicted > 0), f1, np.nan)
         out = {
             "acc": diag.sum(-1) / total,
             "bal_acc": np.nanmean(recall, axis=-1),
@@ -85,9 +88,9 @@ def metrics_from_confusion(cm: np.ndarray) -> dict[str, np.ndarray]:
     return out
 
 
-def _interval(value: float, samples: np.ndarray, level: float) -> Interval:
+def _interval(value: float, samples: np.ndarray, level: float, n_packages: int | None = None) -> Interval:
     s = samples[np.isfinite(samples)]
-    if len(s) == 0:
+    if len(s) == 0 or (n_packages is not None and n_packages < MIN_PACKAGES):
         return Interval(float(value), float("nan"), float("nan"))
     a = (1 - level) / 2
     lo, hi = np.quantile(s, [a, 1 - a])
@@ -104,7 +107,7 @@ def classification_intervals(
     point = metrics_from_confusion(per_pkg.sum(0).reshape(n_classes, n_classes))
     boot = metrics_from_confusion((w @ per_pkg).reshape(n_boot, n_classes, n_classes))
     with np.errstate(invalid="ignore"):
-        return {name: _interval(float(point[name]), boot[name], level) for name in point}
+        return {name: _interval(float(point[name]), boot[name], level, w.shape[1]) for name in point}
 
 
 def paired_difference(
@@ -120,7 +123,8 @@ def paired_difference(
     ba = metrics_from_confusion((w @ per_a).reshape(n_boot, *shape))
     bb = metrics_from_confusion((w @ per_b).reshape(n_boot, *shape))
     with np.errstate(invalid="ignore"):
-        return {name: _interval(float(pa[name] - pb[name]), ba[name] - bb[name], level) for name in METRICS}
+        return {name: _interval(float(pa[name] - pb[name]), ba[name] - bb[name], level, w.shape[1])
+                for name in METRICS}
 
 
 def metric_draws(
@@ -147,7 +151,7 @@ def rate_interval(
     s = np.bincount(codes, hits, minlength=w.shape[1])
     n = np.bincount(codes, minlength=w.shape[1]).astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return _interval(float(hits.mean()), (w @ s) / (w @ n), level)
+        return _interval(float(hits.mean()), (w @ s) / (w @ n), level, w.shape[1])
 
 
 def paired_rate_difference(

@@ -164,7 +164,7 @@ def choose_strength(y: np.ndarray, logits: np.ndarray, priors: np.ndarray, group
     # Bootstrap over packages (all scans of a package together, as the folds were drawn), paired across strengths.
     groups = np.arange(len(y)) if groups is None else np.asarray(groups)
     draws = metric_draws(y, [preds[s] for s in STRENGTHS], groups, len(CLASSES), weights=w, n_boot=n_boot, seed=seed)
-    boot = {s: np.nan_to_num(d["f1"]) for s, d in zip(STRENGTHS, draws, strict=True)}  # an absent class scores 0
+    boot = {s: np.nan_to_num(d["f1"]) for s, d in zip(STRENGTHS, draws, strict=True)}  # NaN only if no class is scored at all
     se = {s: float(np.std(boot[s] - boot[best])) for s in STRENGTHS}
     majority = float(priors.max() / priors.sum())
     ok = [s for s in STRENGTHS if f1[best] - f1[s] <= se[s] and acc[s] > majority]

@@ -200,11 +200,16 @@ def localisation_report(model: nn.Module, ds: Dataset, rows: np.ndarray, train_r
     localisation baselines on the same scans (brightest pixel of the lightly blurred scan; the mean training mask
     of the scan's class, from `train_rows`), each hit rate with a package-bootstrap interval, and Grad-CAM minus
     each baseline paired by package. Raises DataError without masks."""
+    import contextlib
+
     from pqfn import bootstrap
     from pqfn.data import load_masks
+    from pqfn.errors import DataError
 
     rows = np.asarray(rows)
     rows = rows[ds.labels[rows] != CLASSES.index("D")]
+    if len(rows) == 0:
+        raise DataError("no delaminated (A, B, C) scan among them to localise")
     x = Preprocessing(ds.images.shape[-1], resolution).resize(ds.images[rows])
     labels = ds.labels[rows]
     masks = load_masks(ds.subset(rows), resolution)
@@ -212,10 +217,9 @@ def localisation_report(model: nn.Module, ds: Dataset, rows: np.ndarray, train_r
     score = localisation_score(heat, masks, labels)
     train = np.unique(np.asarray(train_rows))
     train = train[ds.labels[train] != CLASSES.index("D")]
-    maps = {
-        "brightest_pixel": brightest_pixel_maps(x.numpy()),
-        "fixed_location": fixed_location_maps(load_masks(ds.subset(train), resolution), ds.labels[train], labels),
-    }
+    maps = {"brightest_pixel": brightest_pixel_maps(x.numpy())}
+    with contextlib.suppress(DataError):  # the training scans' masks (a data set may have them for test packages only)
+        maps["fixed_location"] = fixed_location_maps(load_masks(ds.subset(train), resolution), ds.labels[train], labels)
     hits = {"gradcam": peak_hits(heat, masks)} | {name: peak_hits(m, masks) for name, m in maps.items()}
     keep = (masks.reshape(len(masks), -1) > 0).any(1)  # a mask that vanished at this resolution is not scored
     groups = ds.package_ids[rows]

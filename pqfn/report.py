@@ -337,7 +337,8 @@ def baseline_lines(ev: dict[str, Any]) -> list[str]:
     lb = ev.get("localisation_baselines")
     if lb:
         parts = [f"{label} {_iv(lb[k]['all'])}" for k, label in
-                 (("gradcam", "Grad-CAM"), ("brightest_pixel", "brightest pixel"), ("fixed_location", "fixed location"))]
+                 (("gradcam", "Grad-CAM"), ("brightest_pixel", "brightest pixel"), ("fixed_location", "fixed location"))
+                 if k in lb]
         calls = "; ".join(f"Grad-CAM {v['all']['outcome']} {k.replace('_', ' ')} ({_iv(v['all'], True)})"
                           for k, v in lb["gradcam_minus"].items())
         lines.append(f"  localisation (peak on the true delamination, {lb['gradcam']['all']['n']} delaminated scans): "

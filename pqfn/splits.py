@@ -55,7 +55,8 @@ def split_test(ds: Dataset, test_fraction: float, seed: int) -> HoldOut:
 
 def cycle_cutoff(ds: Dataset, candidates: np.ndarray, per_class: int) -> int | None:
     """The study's data size: every scan up to a thermal-cycling step. The smallest step at which every class
-    has as many originals as it needs (per_class), or all it will ever have; None when cycles are unknown."""
+    has as many originals as it needs (per_class), or all it will ever have; None when any candidate's cycles
+    are unknown (then no cutoff: the pool is drawn from every scan)."""
     cyc = ds.cycles[candidates]
     if (cyc < 0).any() or len(cyc) == 0:
         return None
@@ -71,8 +72,9 @@ def build_pool(ds: Dataset, candidates: np.ndarray, data_size: int, max_copies: 
 
     As in the study, the pool holds the scans up to a thermal-cycling step (cycle_cutoff: the first step at
     which every class has enough originals, or all it has), then balanced: each class's originals are drawn at
-    random from ALL its scans up to that step, so every class spans the same cycles (earliest-first would make
-    every pristine scan a cycle-0 scan, and "looks like cycle 0" a shortcut for D). Without cycles, at random.
+    random from ALL its scans up to that step, so every class is drawn from the same window of cycles, 0 to the
+    cutoff (earliest-first made every pristine scan a cycle-0 scan, and "looks like cycle 0" a shortcut for D;
+    pristine scans are still more common at early cycles, as in the data). Without cycles, at random.
     A class with fewer originals is filled with augmented copies, spread evenly over its originals, at most
     `max_copies` per original. Returns indices into ds; a repeated index is an augmented copy (augmented
     afresh whenever it is drawn).

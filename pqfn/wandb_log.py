@@ -238,7 +238,7 @@ def summary_run(cfg: Config, sdir: Path, rows: list[TrialOutcome], result: Sweep
                 run.summary[f"heldout/versus_baseline/{k}_hi"] = v["hi"]
         lb = ev.get("localisation_baselines")
         if lb:
-            for name in ("gradcam", "brightest_pixel", "fixed_location"):
+            for name in [n for n in ("gradcam", "brightest_pixel", "fixed_location") if n in lb]:
                 iv_rows += [[f"localisation {name}", f"peak_hit_{c}", v["value"], v["lo"], v["hi"]] for c, v in lb[name].items()]
         if iv_rows:
             run.log({"heldout/intervals": wandb.Table(columns=["model", "metric", "value", "lo", "hi"], data=iv_rows)})

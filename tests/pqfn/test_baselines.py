@@ -142,3 +142,26 @@ def test_a_perfect_cheap_baseline_is_not_beaten(tmp_path) -> None:  # type: igno
     assert "metadata" not in m["cheap_baselines"]  # no metallization or cycles in this data set
     assert m["versus_baseline"]["outcome"] in ("tied", "loses")
     assert not m["verdict"].startswith("beats")
+
+
+def test_too_few_packages_give_no_interval_and_no_verdict() -> None:
+    # Three packages cannot show the noise: a "perfect" paired difference on them is not evidence.
+    groups = _packages(3, 10)
+    y = np.tile([0, 1, 2, 3, 3], 6)
+    d = bootstrap.paired_difference(y, y, (y + 1) % 4, groups, 4)["bal_acc"]
+    assert d.value == 1.0 and np.isnan(d.lo) and np.isnan(d.hi)
+    assert bootstrap.verdict(d) == "tied"
+
+
+@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")
+def test_bootstrap_point_figures_match_scikit_learn() -> None:
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
+
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        y = rng.integers(0, 3, 60)  # class 3 absent from the truth ...
+        pred = rng.integers(0, 4, 60)  # ... but predicted
+        iv = bootstrap.classification_intervals(y, pred, _packages(12, 5), 4, n_boot=20)
+        assert iv["acc"].value == pytest.approx(accuracy_score(y, pred))
+        assert iv["bal_acc"].value == pytest.approx(balanced_accuracy_score(y, pred))
+        assert iv["f1"].value == pytest.approx(f1_score(y, pred, average="macro", zero_division=0))
