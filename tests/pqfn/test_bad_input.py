@@ -22,6 +22,7 @@ from pqfn.config import Config, DataConfig, with_overrides
 from pqfn.data import SkippedImagesWarning, load_dataset
 from pqfn.errors import ConfigError, DataError, PqfnError
 from pqfn.io import check_output_paths
+from tests.pqfn.cli_checks import fails
 from tune_jobs.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,18 +34,6 @@ LATIN1 = "path,label\nsc\xe8ne_1.png,A\n".encode("latin-1")  # an Excel export i
 
 def snapshot(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def fails(argv: list[str], capsys: pytest.CaptureFixture[str], *names: str) -> str:
-    """Run pqfn; assert exit 2, exactly one error line and no traceback; return the line."""
-    code = main([str(a) for a in argv])
-    cap = capsys.readouterr()
-    errors = [ln for ln in cap.err.splitlines() if ln.startswith("pqfn: error:")]
-    assert code == 2, cap.err
-    assert len(errors) == 1 and "Traceback" not in cap.err, cap.err
-    for name in names:
-        assert name in errors[0], errors[0]
-    return errors[0]
 
 
 def _config(tmp_path: Path, body: str = "", name: str = "c.yaml") -> Path:

@@ -31,6 +31,7 @@ from pqfn.io import MARKER, check_not_on_inputs, write_marker
 from pqfn.model import build_model
 from pqfn.predict import DuplicateInputsWarning, collect_inputs
 from tests.pqfn.bundles import make_bundle
+from tests.pqfn.cli_checks import fails
 from tune_jobs.cli import main
 
 
@@ -40,18 +41,6 @@ def sha(root: Path) -> dict[str, str]:
         return {root.name: hashlib.sha256(root.read_bytes()).hexdigest()}
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def fails(argv: list[object], capsys: pytest.CaptureFixture[str], *names: str) -> str:
-    """Run pqfn; exit 2, exactly one error line, no traceback; the line names every one of `names`."""
-    code = main([str(a) for a in argv])
-    cap = capsys.readouterr()
-    errors = [ln for ln in cap.err.splitlines() if ln.startswith("pqfn: error:")]
-    assert code == 2, cap.err
-    assert len(errors) == 1 and "Traceback" not in cap.err, cap.err
-    for name in names:
-        assert name in errors[0], errors[0]
-    return errors[0]
 
 
 @pytest.fixture(scope="module")

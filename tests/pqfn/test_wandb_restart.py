@@ -96,6 +96,7 @@ def _first_start(tmp_path: Path, mode: str) -> None:
     time.sleep(1.0)  # W&B names a start's folder by the second: a real restart takes longer than that
 
 
+@pytest.mark.slow  # starts and kills trial processes with W&B: seconds each
 @pytest.mark.parametrize("mode", ["kill", "finish"])
 def test_restart_logs_each_epoch_once(tmp_path: Path, mode: str) -> None:
     """Killed: the file holds nothing, the restart logs 1-3 from the checkpoint; finished: it holds 1-2."""

@@ -60,7 +60,8 @@ def test_shipped_config_runs_end_to_end(name: str, extra: list[str], tmp_path: P
     assert audit["label"].startswith("HINDSIGHT") and audit["selected"] == s.selection.selected["trial_id"]
     scored = [t for t in audit["trials"] if "held_out" in t]
     assert len(scored) == s.selection.counts[COMPLETED] and audit["regret"] >= 0
-    assert all(t["held_out"]["bal_acc"]["lo"] <= t["held_out"]["bal_acc"]["hi"] for t in scored)
+    # a tiny held-out set (fewer than bootstrap.MIN_PACKAGES packages) has no interval: NaN bounds
+    assert all(not t["held_out"]["bal_acc"]["lo"] > t["held_out"]["bal_acc"]["hi"] for t in scored)
     if name == "quickstart":  # progress lines (plain text, not a terminal here) appear before the first trial ends
         out = capfd.readouterr().out
         assert "[progress " in out and "[1/2] trial" in out

@@ -85,6 +85,7 @@ def test_checkpoint_cadence(every: int | str, device: str, since: int, train_s: 
 
 # -- on a real Ray with declared GPUs ----------------------------------------------------------------------
 
+@pytest.mark.slow  # a real local Ray and trials: seconds each
 def test_cpu_trials_on_a_gpu_node_hide_every_gpu(tmp_path: Path, tiny_data_cfg: DataConfig, tiny_ds: Dataset,
                                                   ray_gpus: None, monkeypatch: pytest.MonkeyPatch) -> None:
     """gpus_per_trial=0 on a node with GPUs: trained on the CPU, CUDA never started, no GPU visible to it."""
@@ -109,6 +110,7 @@ def test_cpu_trials_on_a_gpu_node_hide_every_gpu(tmp_path: Path, tiny_data_cfg: 
     assert records == [{"cvd": "", "cuda_started": False}] * 2
 
 
+@pytest.mark.slow  # a real local Ray and trials: seconds each
 def test_gpu_trials_get_disjoint_gpus_and_refuse_without_cuda(tmp_path: Path, tiny_data_cfg: DataConfig,
                                                               tiny_ds: Dataset, ray_gpus: None) -> None:
     """Two trials of 1 GPU each at once get GPUs 0 and 1; each, finding no usable CUDA, fails with one line
@@ -125,6 +127,7 @@ def test_gpu_trials_get_disjoint_gpus_and_refuse_without_cuda(tmp_path: Path, ti
     assert not list((tmp_path / "runs/gpu1/trials").glob("*/models.safetensors"))  # nothing trained
 
 
+@pytest.mark.slow  # a real local Ray and trials: seconds each
 def test_fractional_gpus_pack_trials_on_one_gpu(tmp_path: Path, tiny_data_cfg: DataConfig, tiny_ds: Dataset,
                                                 ray_gpus: None, capfd: pytest.CaptureFixture[str]) -> None:
     """gpus_per_trial=0.5: the issue's reproduction (both trials used to finish on the CPU, exit 0)."""
