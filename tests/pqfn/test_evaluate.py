@@ -28,6 +28,7 @@ def trained(tiny_ds: Dataset, tmp_path_factory: pytest.TempPathFactory) -> tuple
     return cfg, folder
 
 
+@pytest.mark.slow  # trains a tiny trial and runs Grad-CAM and the baselines: seconds
 def test_holdout_evaluation_files_and_metrics(tiny_ds: Dataset, trained: tuple[TrialConfig, Path], tmp_path: Path) -> None:
     cfg, folder = trained
     ho = split_test(tiny_ds, 0.2, seed=0)
