@@ -165,11 +165,10 @@ def named_intervals(iv: dict[str, bootstrap.Interval]) -> dict[str, Any]:
     return out
 
 
-def cheap_baselines(cfg: TrialConfig, ev: EvaluateConfig, ds: Dataset, holdout: HoldOut,
+def cheap_baselines(cfg: TrialConfig, ev: EvaluateConfig, ds: Dataset, holdout: HoldOut, entries: np.ndarray,
                     priors: np.ndarray) -> dict[str, dict[str, Any]]:
-    """Each cheap baseline fitted on the trial's pool (the CNN's training images) and predicting the held-out
-    packages, prior-corrected by the CNN's rule on its own out-of-fold predictions (the trial's folds)."""
-    entries = build_pool(ds, holdout.pool, cfg.data_size, cfg.max_copies, cfg.seed)
+    """Each cheap baseline fitted on the trial's pool `entries` (the CNN's training images) and predicting the
+    held-out packages, prior-corrected by the CNN's rule on its own out-of-fold predictions (the trial's folds)."""
     folds = make_folds(ds, entries, cfg.folds, cfg.seed)
     out: dict[str, dict[str, Any]] = {}
     for b in make_baselines(ds, np.concatenate([entries, holdout.test])):
@@ -265,7 +264,8 @@ def evaluate_holdout(
     metrics["raw"] = {k: raw_m[k] for k in ("accuracy", "balanced_accuracy", "macro_precision", "macro_recall",
                                              "macro_f1", "confusion_matrix")}
     metrics["baselines"] = baselines(priors, y)
-    cheap = cheap_baselines(cfg, ev, ds, holdout, priors)
+    entries = build_pool(ds, holdout.pool, cfg.data_size, cfg.max_copies, cfg.seed)  # the trial's pool, as it trained
+    cheap = cheap_baselines(cfg, ev, ds, holdout, entries, priors)
     metrics |= compare_with_baselines(y, pred.logits.argmax(1), ds.package_ids[holdout.test], cheap,
                                       int(np.argmax(priors)))
     metrics["prior_correction"] = {
@@ -280,8 +280,7 @@ def evaluate_holdout(
         "brier": brier_score(pred.probs, y), "brier_raw": brier_score(pred.raw_probs, y), "bins": 10,
     }
     plot_reliability(out_dir / "reliability.png", {"prior-corrected": pred.probs, "raw": pred.raw_probs}, y)
-    loc = localisation(model, ds, holdout.test, build_pool(ds, holdout.pool, cfg.data_size, cfg.max_copies, cfg.seed),
-                       cfg.resolution, log)
+    loc = localisation(model, ds, holdout.test, entries, cfg.resolution, log)
     metrics["localisation"] = loc[0] if loc else None
     if loc:
         metrics["localisation_baselines"] = loc[1]

@@ -126,11 +126,8 @@ def localisation_score(heat: np.ndarray, masks: np.ndarray, labels: np.ndarray) 
     heat, masks, labels = np.asarray(heat), np.asarray(masks), np.asarray(labels)
     if heat.shape != masks.shape or heat.ndim != 3 or len(labels) != len(heat):
         raise ValueError(f"expected heat and masks (N, r, r) and labels (N,), got {heat.shape}, {masks.shape}, {labels.shape}")
-    n_img = len(heat)
-    flat_heat, flat_mask = heat.reshape(n_img, -1), masks.reshape(n_img, -1) > 0
-    peak = flat_heat.argmax(1)
-    has_peak = flat_heat.max(1) > flat_heat.min(1)
-    hit = has_peak & flat_mask[np.arange(n_img), peak]
+    flat_mask = masks.reshape(len(masks), -1) > 0
+    hit = peak_hits(heat, masks)
     area = flat_mask.mean(1)
     nonempty = flat_mask.any(1)
     d = CLASSES.index("D")
@@ -206,14 +203,8 @@ def localisation_report(model: nn.Module, ds: Dataset, rows: np.ndarray, train_r
     from pqfn.data import load_masks
     from pqfn.errors import DataError
 
-    rows = np.asarray(rows)
-    rows = rows[ds.labels[rows] != CLASSES.index("D")]
-    if len(rows) == 0:
-        raise DataError("no delaminated (A, B, C) scan among them to localise")
-    x = Preprocessing(ds.images.shape[-1], resolution).resize(ds.images[rows])
+    rows, x, masks, heat = _delaminated_heat(model, ds, rows, resolution, max_stride, batch_size, device)
     labels = ds.labels[rows]
-    masks = load_masks(ds.subset(rows), resolution)
-    heat = gradcam(model, x, labels, batch_size=batch_size, device=device, max_stride=max_stride)
     score = localisation_score(heat, masks, labels)
     train = np.unique(np.asarray(train_rows))
     train = train[ds.labels[train] != CLASSES.index("D")]
@@ -246,11 +237,23 @@ def holdout_localisation(model: nn.Module, ds: Dataset, rows: np.ndarray, resolu
     at the model's input resolution, against the masks pqfn synth wrote (pqfn.data.load_masks; a data set
     without masks raises DataError). Returns localisation_score's dict.
     """
+    rows, _, masks, heat = _delaminated_heat(model, ds, rows, resolution, max_stride, batch_size, device)
+    return localisation_score(heat, masks, ds.labels[rows])
+
+
+def _delaminated_heat(model: nn.Module, ds: Dataset, rows: np.ndarray, resolution: int, max_stride: int,
+                      batch_size: int, device: torch.device | str | None,
+                      ) -> tuple[np.ndarray, torch.Tensor, np.ndarray, np.ndarray]:
+    """The delaminated rows of ds[rows] (D scans have nothing to point at), their images at the model's
+    resolution (N, 1, r, r) uint8, true masks and Grad-CAM maps of their TRUE class (N, r, r)."""
     from pqfn.data import load_masks
+    from pqfn.errors import DataError
 
     rows = np.asarray(rows)
-    labels = ds.labels[rows]
-    rows = rows[labels != CLASSES.index("D")]  # D scans have nothing to point at
+    rows = rows[ds.labels[rows] != CLASSES.index("D")]
+    if len(rows) == 0:
+        raise DataError("no delaminated (A, B, C) scan among them to localise")
     x = Preprocessing(ds.images.shape[-1], resolution).resize(ds.images[rows])
+    masks = load_masks(ds.subset(rows), resolution)
     heat = gradcam(model, x, ds.labels[rows], batch_size=batch_size, device=device, max_stride=max_stride)
-    return localisation_score(heat, load_masks(ds.subset(rows), resolution), ds.labels[rows])
+    return rows, x, masks, heat
