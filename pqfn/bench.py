@@ -198,7 +198,8 @@ def _side(wall: float, n_train: int, per_fold: list[dict[str, float]]) -> Side:
 
 def run_setting(cfg: Config, name: str, overrides: dict[str, Any], ds: Dataset, pool: np.ndarray, *, epochs: int, loader_workers: int | None = None, ablate: bool = False,
                 log: Any = print) -> BenchResult:
-    trial_cfg = with_overrides(cfg, overrides | {"trial.epochs": epochs}, source=f"bench setting {name}").trial
+    # one repeat: the naive loop trains the trial's K folds once, so the engine must too
+    trial_cfg = with_overrides(cfg, overrides | {"trial.epochs": epochs, "trial.repeats": 1}, source=f"bench setting {name}").trial
     device = pick_device(trial_cfg.device)
     workers = loader_workers if loader_workers is not None else (4 if device.type == "cuda" else 0)
     entries = build_pool(ds, pool, trial_cfg.data_size, trial_cfg.max_copies, trial_cfg.seed)

@@ -160,9 +160,10 @@ def _run_trial(a: argparse.Namespace, cfg: Any, out: Path) -> int:
         print(f"resuming {out} after epoch {cv.epoch}")
         write_marker(out, "trial")
     atomic_write(out / "config.yaml", dump_config(cfg))
-    write_folds_csv(out / "folds.csv", ds, holdout, cv.entries, cv.folds)
+    write_folds_csv(out / "folds.csv", ds, holdout, cv.entries, cv.folds, tc.folds)
     atomic_write(out / "pool.json", json.dumps(describe_pool(ds, cv.entries), indent=2))
-    print(f"trial {cfg.name}: {tc.model}, {tc.folds} folds x {tc.epochs} epochs, data_size {tc.data_size}, "
+    reps = f" x {tc.repeats} repeats" if tc.repeats > 1 else ""
+    print(f"trial {cfg.name}: {tc.model}, {tc.folds} folds{reps} x {tc.epochs} epochs, data_size {tc.data_size}, "
           f"{tc.resolution} px, batch {tc.batch_size}, on {cv.device}")
     print("pool: " + "; ".join(f"{c} {d['originals']} originals" + (f" from cycles {d['cycles_min']}-{d['cycles_max']}"
                                                                      if "cycles_min" in d else "")
@@ -190,7 +191,7 @@ def _run_trial(a: argparse.Namespace, cfg: Any, out: Path) -> int:
         tmp = ckpt.with_name("checkpoint.pt.tmp")
         torch.save(cv.state_dict(), tmp)
         tmp.replace(ckpt)
-        write_metrics_csv(out / "metrics.csv", cv.history, tc.folds)
+        write_metrics_csv(out / "metrics.csv", cv.history, len(cv.folds))
         if run is not None:
             run.log(rec, step=int(rec["epoch"]))
         tqdm.write(line(rec))
@@ -202,11 +203,11 @@ def _run_trial(a: argparse.Namespace, cfg: Any, out: Path) -> int:
     bar.close()
     if run is not None:
         run.finish()
-    write_metrics_csv(out / "metrics.csv", cv.history, tc.folds)
+    write_metrics_csv(out / "metrics.csv", cv.history, len(cv.folds))
     plot_curves(out / "curves.png", cv.history, f"{cfg.name}: {tc.resolution} px, batch {tc.batch_size}, data_size {tc.data_size}")
     final = cv.history[-1]
     atomic_write(out / "final.json", json.dumps(final, indent=2))
-    print(f"final (mean of {tc.folds} folds): val/acc {final['val/acc']:.3f} +- {final['val/acc_std']:.3f}, "
+    print(f"final (mean of {len(cv.folds)} folds): val/acc {final['val/acc']:.3f} +- {final['val/acc_std']:.3f}, "
           f"val/bal_acc {final['val/bal_acc']:.3f}, worst class recall {final['val/min_recall']:.3f}, "
           f"gap/acc {final['gap/acc']:+.3f}, gap/loss {final['gap/loss']:+.3f}")
     print(f"results: {out} (metrics.csv, folds.csv, curves.png, checkpoint.pt, models.safetensors)")
@@ -239,7 +240,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
             check_oof_fits(folder, oof[0], len(ds), holdout.pool)
         else:
             tc = cfg.trial
-            print(f"training the {tc.folds} fold models ({tc.data_size} images, {tc.resolution} px, {tc.epochs} epochs) ...")
+            print(f"training the {tc.folds * tc.repeats} fold models ({tc.data_size} images, {tc.resolution} px, {tc.epochs} epochs) ...")
             cv = CrossValidation(tc, ds, holdout.pool)
             cv.fit(lambda rec, cv: print(f"  epoch {int(rec['epoch'])}: val/bal_acc {rec['val/bal_acc']:.3f}"))
             cv.save_models(out)

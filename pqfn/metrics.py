@@ -30,7 +30,7 @@ BASELINE_COLUMNS = tuple(f"baseline/{b}/val/{m}" for b in ("intensity", "metadat
     "vs_baseline/val/bal_acc", "vs_baseline/val/bal_acc_std", "vs_baseline/val/f1", "vs_baseline/val/f1_std")
 TRIAL_METRICS = ("train/acc", "val/acc", "gap/acc", "train/loss", "val/loss", "gap/loss", "val/bal_acc", "val/f1",
                  "val/min_recall", *PER_CLASS_METRICS, "val/acc_std", "val/bal_acc_std", "val/f1_std",
-                 "gap/acc_std", "gap/loss_std", "n_folds", "objective", *BASELINE_COLUMNS)
+                 "gap/acc_std", "gap/loss_std", "n_folds", "n_repeats", "objective", *BASELINE_COLUMNS)
 
 # Per-fold values kept in trials.csv beside the means: the selection compares trials that share folds fold by
 # fold (paired), and `pqfn report` re-selects from trials.csv.

@@ -17,11 +17,14 @@ FAILED: Status = "failed"
 STATUSES: tuple[Status, ...] = (COMPLETED, STOPPED, FAILED)
 
 
-def overlap_factor(k: int) -> float:
-    """Variance of a k-fold mean = fold variance * this (Nadeau and Bengio 2003): 1/k + n_val/n_train, with
-    n_val/n_train = 1/(k-1) for equal folds. The folds' training sets overlap, so their scores are correlated
-    and s^2/k (the naive 1/k) is too small: by 2.5x at 3 folds, 2.25x at 5."""
-    return 1.0 / k + 1.0 / (k - 1)
+def overlap_factor(n: int, repeats: int = 1) -> float:
+    """Variance of the mean of n fold scores = fold variance * this (Nadeau and Bengio 2003; for repeated
+    cross-validation, Bouckaert and Frank 2004): 1/n + n_val/n_train, with n_val/n_train = 1/(k-1) for k equal
+    folds per repeat (k = n / repeats). The folds' training sets overlap, so their scores are correlated and
+    s^2/n (the naive 1/n) is too small: by 2.5x at 3 folds, 2.25x at 5. Repeats shrink only the 1/n part:
+    3 folds x 2 repeats gives 0.67 where 3 folds give 0.83 (SE 0.90x), x 5 repeats 0.57 (SE 0.83x)."""
+    k = n / max(repeats, 1)
+    return 1.0 / n + 1.0 / (k - 1)
 
 
 def is_complete(metrics: dict[str, Any]) -> bool:
@@ -51,9 +54,15 @@ class TrialOutcome:
 
     def se(self, key: str) -> float:
         """Standard error of a fold-mean metric, corrected for overlapping training sets (Nadeau-Bengio):
-        fold std * sqrt(1/k + 1/(k-1)); NaN without at least 2 folds or a std."""
-        n = self.get("n_folds")
-        return self.get(f"{key}_std") * math.sqrt(overlap_factor(int(n))) if n >= 2 else math.nan
+        fold std * sqrt(1/n + 1/(k-1)) for n fold scores, k folds per repeat; NaN without at least 2 folds
+        per repeat or a std."""
+        n, r = self.get("n_folds"), self.repeats()
+        return self.get(f"{key}_std") * math.sqrt(overlap_factor(int(n), r)) if n >= 2 * r else math.nan
+
+    def repeats(self) -> int:
+        """trial.repeats of the trial's record (1 when not recorded: a record from before repeats existed)."""
+        r = self.get("n_repeats")
+        return int(r) if math.isfinite(r) and r >= 1 else 1
 
     def brief(self) -> dict[str, Any]:
         return {"trial_id": self.trial_id, "params": self.params}

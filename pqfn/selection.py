@@ -12,7 +12,9 @@ Three traps shape the rule (design.md, "The flow of one sweep", step 8; README "
 
 Noise. The standard error of a k-fold mean is corrected for overlapping training sets (Nadeau and
 Bengio 2003): var = s^2 * (1/k + n_val/n_train), n_val/n_train = 1/(k-1) for equal folds, instead of
-s^2 / k (the plain formula is too small by a factor 2.5 at 3 folds). Two trials that share folds
+s^2 / k (the plain formula is too small by a factor 2.5 at 3 folds). With repeated cross-validation
+(trial.repeats = r: k folds drawn r times) the n = k r fold scores give var = s^2 * (1/n + 1/(k-1))
+(Bouckaert and Frank 2004): repeats shrink the first term, never the overlap term. Two trials that share folds
 (the same trial.data_size, folds, seed and max_copies: the same images in each fold and the same initial
 weights) are compared by their per-fold differences (paired: what the folds share, an easy or a hard
 fold, cancels); others by the two trials' corrected errors combined (unpaired). A difference is
@@ -43,7 +45,7 @@ from pqfn.records import COMPLETED, STATUSES, Selection, TrialOutcome, overlap_f
 MIN_RECALL = "val/min_recall"
 # The trial settings that decide a trial's folds (pqfn.splits.build_pool / make_folds) and its initial
 # weights (pqfn.trial: seed * 1000 + fold): trials equal in all of them see the same images in each fold.
-FOLD_KEYS = ("trial.data_size", "trial.folds", "trial.seed", "trial.max_copies")
+FOLD_KEYS = ("trial.data_size", "trial.folds", "trial.repeats", "trial.seed", "trial.max_copies")
 
 
 def _finite(rec: dict[str, float], key: str, default: float) -> float:
@@ -99,7 +101,7 @@ class Difference:
 
 def shares_folds(a: TrialOutcome, b: TrialOutcome) -> bool:
     """Same folds and initial weights: equal fold-deciding settings (an unsearched one is the same for all)."""
-    return a.get("n_folds") == b.get("n_folds") and all(a.params.get(k) == b.params.get(k) for k in FOLD_KEYS)
+    return a.get("n_folds") == b.get("n_folds") and a.repeats() == b.repeats() and all(a.params.get(k) == b.params.get(k) for k in FOLD_KEYS)
 
 
 def fold_values(r: TrialOutcome, key: str) -> np.ndarray | None:
@@ -118,8 +120,7 @@ def difference(a: TrialOutcome, b: TrialOutcome, key: str) -> Difference:
         return Difference(0.0, 0.0, True)
     fa, fb = fold_values(a, key), fold_values(b, key)
     if shares_folds(a, b) and fa is not None and fb is not None:
-        k = len(fa)
-        return Difference(d, float(np.std(fa - fb, ddof=1)) * math.sqrt(overlap_factor(k)), True)
+        return Difference(d, float(np.std(fa - fb, ddof=1)) * math.sqrt(overlap_factor(len(fa), a.repeats())), True)
     return Difference(d, math.hypot(a.se(key), b.se(key)), False)
 
 
@@ -129,8 +130,8 @@ def missing_inputs(r: TrialOutcome, sel: SelectionConfig) -> list[str]:
     if sel.min_class_recall is not None:
         keys.append(MIN_RECALL)
     bad = [k for k in keys if not math.isfinite(r.get(k))]
-    if "n_folds" not in bad and r.get("n_folds") < 2:
-        bad.append("n_folds (fewer than 2 folds: no noise estimate)")
+    if "n_folds" not in bad and r.get("n_folds") < 2 * r.repeats():
+        bad.append("n_folds (fewer than 2 folds per repeat: no noise estimate)")
     return bad
 
 

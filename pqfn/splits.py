@@ -133,18 +133,30 @@ def make_folds(ds: Dataset, entries: np.ndarray, k: int, seed: int) -> list[Fold
     return folds
 
 
-def write_folds_csv(path: Path, ds: Dataset, holdout: HoldOut, entries: np.ndarray, folds: list[Fold]) -> None:
-    """One row per image: its package, label and where it went (fold number, test or unused)."""
-    where = np.full(len(ds), "unused", dtype=object)
-    where[holdout.test] = "test"
-    for i, f in enumerate(folds, start=1):
-        where[f.val] = str(i)
+def repeated_folds(ds: Dataset, entries: np.ndarray, k: int, repeats: int, seed: int) -> list[Fold]:
+    """trial.repeats x trial.folds folds: repeat r (0-based) draws its k grouped folds with seed + r, so repeat 0
+    is make_folds(..., seed) and a trial without repeats keeps its folds. Fold j of the list (1-based) is fold
+    ((j - 1) % k) + 1 of repeat (j - 1) // k + 1."""
+    return [f for r in range(repeats) for f in make_folds(ds, entries, k, seed + r)]
+
+
+def write_folds_csv(path: Path, ds: Dataset, holdout: HoldOut, entries: np.ndarray, folds: list[Fold],
+                    k: int = 0) -> None:
+    """One row per image: its package, label and where it went (fold number, test or unused). With repeated
+    cross-validation (k folds per repeat, `repeats` > 1), `fold` is the first repeat's and `fold_r2`, ... the others'."""
+    repeats = max(1, len(folds) // k) if k else 1
+    where = [np.full(len(ds), "unused", dtype=object) for _ in range(repeats)]
+    for r in range(repeats):
+        where[r][holdout.test] = "test"
+        for i, f in enumerate(folds[r * k : (r + 1) * k] if k else folds, start=1):
+            where[r][f.val] = str(i)
     copies = np.bincount(entries, minlength=len(ds))
     tmp = path.with_suffix(".csv.tmp")
     with tmp.open("w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["path", "package_id", "label", "metallization", "cycles", "fold", "pool_entries"])
+        w.writerow(["path", "package_id", "label", "metallization", "cycles", "fold",
+                    *(f"fold_r{r}" for r in range(2, repeats + 1)), "pool_entries"])
         for i in range(len(ds)):
             w.writerow([ds.paths[i], ds.package_ids[i], CLASSES[ds.labels[i]], ds.metallization[i],
-                        ds.cycles[i], where[i], copies[i]])
+                        ds.cycles[i], where[0][i], *(where[r][i] for r in range(1, repeats)), copies[i]])
     tmp.replace(path)

@@ -31,7 +31,7 @@ from pqfn.errors import TrialError
 from pqfn.metrics import aggregate, aggregate_keys, class_metrics, versus_baseline, with_gaps
 from pqfn.model import build_model, check_model_name
 from pqfn.records import TrialProgress
-from pqfn.splits import Fold, build_pool, describe_pool, make_folds
+from pqfn.splits import Fold, build_pool, describe_pool, repeated_folds
 
 EpochCallback = Callable[[dict[str, float], "CrossValidation"], None]
 
@@ -120,10 +120,10 @@ def fold_workers(cfg: TrialConfig, device: torch.device) -> int:
     """How many folds train at once: on CPU one 1-thread fold per thread of the budget (faster than one
     fold on all threads for small batches, see `pqfn bench`); on a GPU one at a time."""
     if cfg.parallel_folds != "auto":
-        return min(int(cfg.parallel_folds), cfg.folds)
+        return min(int(cfg.parallel_folds), cfg.folds * cfg.repeats)
     if device.type != "cpu":
         return 1
-    return max(1, min(cfg.folds, cfg.threads or torch.get_num_threads()))
+    return max(1, min(cfg.folds * cfg.repeats, cfg.threads or torch.get_num_threads()))
 
 
 class Learner:
@@ -245,7 +245,7 @@ class CrossValidation:
             torch.set_num_threads(cfg.threads)
         self.entries = build_pool(ds, pool, cfg.data_size, cfg.max_copies, cfg.seed)
         self.ds = ds
-        self.folds = make_folds(ds, self.entries, cfg.folds, cfg.seed)
+        self.folds = repeated_folds(ds, self.entries, cfg.folds, cfg.repeats, cfg.seed)  # K x repeats
         check_trial(cfg, self.folds)
         self.data = TrialImages(ds, self.entries, cfg.resolution, self.device)
         # The cheap baselines on the same folds (well under a second): their figures join every record.
@@ -315,7 +315,7 @@ class CrossValidation:
         self._unmeasured_s += self._last_epoch_s
         if not measure:
             return None
-        rec = {"epoch": float(self.epoch)} | aggregate(per_fold)
+        rec = {"epoch": float(self.epoch)} | aggregate(per_fold) | {"n_repeats": float(self.cfg.repeats)}
         rec |= aggregate_keys(self.baseline_folds) | versus_baseline(per_fold, self.baseline_folds)
         rec["time/epoch_s"] = self._unmeasured_s  # every epoch since the last record
         self._unmeasured_s = 0.0
@@ -350,12 +350,22 @@ class CrossValidation:
 
     def out_of_fold(self) -> tuple[np.ndarray, np.ndarray]:
         """(dataset indices, logits (N, classes)) of every validation image, each from its own fold's model
-        at the latest measured epoch; what the prior-correction strength is chosen on."""
+        at the latest measured epoch; what the prior-correction strength is chosen on. With repeated
+        cross-validation every image is validated once per repeat: its logits are the mean over the repeats
+        (each from a model that never saw it), in the first repeat's order."""
         missing = [k for k, ln in enumerate(self.learners, start=1) if ln.val_logits is None]
         if missing:
             raise TrialError(f"fold {missing[0]}: no validation predictions yet (run an epoch first)")
         idx = np.concatenate([f.val for f in self.folds])
-        return idx, torch.cat([ln.val_logits for ln in self.learners if ln.val_logits is not None]).numpy()
+        logits = torch.cat([ln.val_logits for ln in self.learners if ln.val_logits is not None]).numpy()
+        if self.cfg.repeats == 1:
+            return idx, logits
+        first = idx[: len(idx) // self.cfg.repeats]
+        pos = np.searchsorted(np.sort(first), idx)
+        order = np.argsort(first)
+        mean = np.zeros((len(first), logits.shape[1]), logits.dtype)
+        np.add.at(mean, order[pos], logits)
+        return first, mean / self.cfg.repeats
 
     def save_models(self, folder: Path) -> None:
         """The fold models and their out-of-fold logits (the selected trial's become the final model)."""

@@ -385,7 +385,7 @@ def collect(results: Any) -> list[TrialOutcome]:
         m = dict(r.metrics or {})
         status = FAILED if r.error is not None else (COMPLETED if is_complete(m) else STOPPED)
         metrics = {k: float(v) for k, v in m.items()
-                   if isinstance(v, (int, float)) and ("/" in k or k in ("epoch", "epochs", "objective", "n_folds"))}
+                   if isinstance(v, (int, float)) and ("/" in k or k in ("epoch", "epochs", "objective", "n_folds", "n_repeats"))}
         rows.append(TrialOutcome(
             trial_id=m.get("trial_id") or Path(r.path).name, status=status, params=params_of(r.config or {}),
             metrics=metrics | {k: float(m.get(k, float("nan"))) for k in MEMORY_METRICS},

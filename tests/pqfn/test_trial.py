@@ -222,3 +222,27 @@ def test_progress_inside_an_epoch_without_ray(tiny_ds: Dataset, pool: np.ndarray
     assert between == [(2, steps, 1), (3, steps, 2)]  # reported at the measured epochs 2 and 3
     p = cv.progress()
     assert p.run_epochs == 3 and p.epoch_s is not None and p.seconds_per_epoch() is not None
+
+
+def test_repeated_cross_validation_trains_every_repeat_and_averages_its_out_of_fold(tiny_ds: Dataset, pool: np.ndarray) -> None:
+    once = CrossValidation(TrialConfig(**(TINY | {"epochs": 1})), tiny_ds, pool)
+    cv = CrossValidation(TrialConfig(**(TINY | {"epochs": 1, "repeats": 2})), tiny_ds, pool)
+    assert len(cv.learners) == len(cv.folds) == 4
+    # repeat 1 is the trial without repeats (same folds, same initial weights); repeat 2 draws other folds
+    for a, b in zip(once.folds, cv.folds[:2], strict=True):
+        assert np.array_equal(a.val, b.val) and np.array_equal(a.train, b.train)
+    assert any(not np.array_equal(a.val, b.val) for a, b in zip(cv.folds[:2], cv.folds[2:], strict=True))
+    for rep in (cv.folds[:2], cv.folds[2:]):  # each repeat validates every pool image once, packages never split
+        assert sorted(np.concatenate([f.val for f in rep]).tolist()) == sorted(np.unique(cv.entries).tolist())
+        assert not set(tiny_ds.package_ids[rep[0].val]) & set(tiny_ds.package_ids[rep[1].val])
+    rec = cv.fit().final
+    assert rec["n_folds"] == 4 and rec["n_repeats"] == 2 and all(np.isfinite(rec[f"fold{k}/val/acc"]) for k in range(1, 5))
+    assert rec["val/acc"] == pytest.approx(np.mean([rec[f"fold{k}/val/acc"] for k in range(1, 5)]))
+    idx, logits = cv.out_of_fold()
+    assert sorted(idx.tolist()) == sorted(np.unique(cv.entries).tolist())  # one row per image, not per repeat
+    by_image = {}
+    for f, ln in zip(cv.folds, cv.learners, strict=True):
+        for i, row in zip(f.val, ln.val_logits.numpy(), strict=True):
+            by_image.setdefault(int(i), []).append(row)
+    for i, row in zip(idx, logits, strict=True):
+        assert len(by_image[int(i)]) == 2 and np.allclose(row, np.mean(by_image[int(i)], 0), atol=1e-6)
