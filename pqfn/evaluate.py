@@ -185,6 +185,36 @@ def cheap_baselines(cfg: TrialConfig, ev: EvaluateConfig, ds: Dataset, holdout: 
     return out
 
 
+# The four classes are two findings: die-pad delamination (A, C) and bond-pad delamination (B, C).
+FINDINGS = {"die_pad": ("A", "C"), "bond_pad": ("B", "C")}
+
+
+def finding_rates(y: np.ndarray, pred: np.ndarray, other: np.ndarray | None, groups: np.ndarray) -> dict[str, Any]:
+    """Per finding: how often the model's answer on that finding alone is right (accuracy), on the scans that
+    have it (sensitivity) and on those that do not (specificity), with package-bootstrap intervals; with
+    `other` (the best cheap baseline's predictions), the same for it and the paired difference in accuracy.
+    A four-class score hides WHICH finding a model misses; this says it."""
+    out: dict[str, Any] = {}
+    for name, classes in FINDINGS.items():
+        idx = [CLASSES.index(c) for c in classes]
+        truth = np.isin(y, idx)
+
+        def rates(p: np.ndarray) -> dict[str, Any]:
+            said = np.isin(p, idx)
+            r = {"accuracy": bootstrap.rate_interval(said == truth, groups).to_dict()}
+            for key, where, want in (("sensitivity", truth, True), ("specificity", ~truth, False)):
+                r[key] = (bootstrap.rate_interval(said[where] == want, groups[where]).to_dict() if where.any()
+                          else {"value": float("nan"), "lo": float("nan"), "hi": float("nan")})
+            return r
+
+        out[name] = {"classes": list(classes), "cnn": rates(pred), "n_with": int(truth.sum()), "n_without": int((~truth).sum())}
+        if other is not None:
+            out[name]["baseline"] = rates(other)
+            d = bootstrap.paired_rate_difference(np.isin(pred, idx) == truth, np.isin(other, idx) == truth, groups)
+            out[name]["cnn_minus_baseline_accuracy"] = d.to_dict() | {"outcome": bootstrap.verdict(d)}
+    return out
+
+
 def compare_with_baselines(y: np.ndarray, pred: np.ndarray, groups: np.ndarray, cheap: dict[str, dict[str, Any]],
                            majority: int) -> dict[str, Any]:
     """Package-bootstrap intervals for the CNN, every baseline, and the paired CNN-minus-best-baseline difference.
@@ -207,8 +237,10 @@ def compare_with_baselines(y: np.ndarray, pred: np.ndarray, groups: np.ndarray, 
             "cv_balanced_accuracy": c["cv_balanced_accuracy"],
         }
     if not cheap:
+        res["findings"] = finding_rates(y, pred, None, groups)
         return res
     best = max(cheap, key=lambda n: cheap[n]["cv_balanced_accuracy"])
+    res["findings"] = finding_rates(y, pred, cheap[best]["pred"], groups)
     diff = bootstrap.paired_difference(y, pred, cheap[best]["pred"], groups, k)
     calls = {m: bootstrap.verdict(diff[m]) for m in ("bal_acc", "f1")}
     outcome = "loses" if "loses" in calls.values() else "beats" if set(calls.values()) == {"beats"} else "tied"

@@ -334,6 +334,13 @@ def baseline_lines(ev: dict[str, Any]) -> list[str]:
         lines.append(f"  CNN minus {vb['description']} (paired by package): balanced accuracy "
                      f"{_iv(d['balanced_accuracy'], True)}, macro-F1 {_iv(d['macro_f1'], True)}, "
                      f"accuracy {_iv(d['accuracy'], True)}: {vb['outcome']}")
+    for name, f in ev.get("findings", {}).items():
+        base = (f" vs best cheap baseline {_iv(f['baseline']['accuracy'])} (difference "
+                f"{_iv(f['cnn_minus_baseline_accuracy'], True)}: {f['cnn_minus_baseline_accuracy']['outcome']})"
+                if "baseline" in f else "")
+        lines.append(f"  {name.replace('_', '-')} delamination ({'/'.join(f['classes'])}) found right: CNN "
+                     f"{_iv(f['cnn']['accuracy'])} (sensitivity {_iv(f['cnn']['sensitivity'])}, specificity "
+                     f"{_iv(f['cnn']['specificity'])}){base}")
     lb = ev.get("localisation_baselines")
     if lb:
         parts = [f"{label} {_iv(lb[k]['all'])}" for k, label in

@@ -236,6 +236,10 @@ def summary_run(cfg: Config, sdir: Path, rows: list[TrialOutcome], result: Sweep
                 run.summary[f"heldout/versus_baseline/{k}"] = v["value"]
                 run.summary[f"heldout/versus_baseline/{k}_lo"] = v["lo"]
                 run.summary[f"heldout/versus_baseline/{k}_hi"] = v["hi"]
+        for finding, f in ev.get("findings", {}).items():  # die-pad and bond-pad delamination, each on its own
+            for who in [w for w in ("cnn", "baseline") if w in f]:
+                iv_rows += [[f"{finding} {who}", k, v["value"], v["lo"], v["hi"]] for k, v in f[who].items()]
+                run.summary[f"heldout/findings/{finding}/{who}/accuracy"] = f[who]["accuracy"]["value"]
         lb = ev.get("localisation_baselines")
         if lb:
             for name in [n for n in ("gradcam", "brightest_pixel", "fixed_location") if n in lb]:

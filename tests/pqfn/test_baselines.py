@@ -165,3 +165,21 @@ def test_bootstrap_point_figures_match_scikit_learn() -> None:
         assert iv["acc"].value == pytest.approx(accuracy_score(y, pred))
         assert iv["bal_acc"].value == pytest.approx(balanced_accuracy_score(y, pred))
         assert iv["f1"].value == pytest.approx(f1_score(y, pred, average="macro", zero_division=0))
+
+
+def test_findings_say_which_delamination_a_model_misses() -> None:
+    from pqfn.evaluate import finding_rates
+
+    # 8 packages x 4 scans, one of each class; the model sees die-pad delamination perfectly and never bond-pad:
+    # it answers A for C and D for B. The baseline is perfect.
+    y = np.tile(np.arange(4), 8)  # A B C D ...
+    groups = np.repeat([f"P{i}" for i in range(8)], 4)
+    pred = np.array([{0: 0, 1: 3, 2: 0, 3: 3}[v] for v in y])
+    f = finding_rates(y, pred, y.copy(), groups)
+    assert f["die_pad"]["cnn"]["accuracy"]["value"] == 1.0 and f["die_pad"]["cnn"]["sensitivity"]["value"] == 1.0
+    bond = f["bond_pad"]
+    assert bond["cnn"]["accuracy"]["value"] == 0.5 and bond["cnn"]["sensitivity"]["value"] == 0.0
+    assert bond["cnn"]["specificity"]["value"] == 1.0 and bond["n_with"] == 16
+    assert bond["baseline"]["accuracy"]["value"] == 1.0
+    assert bond["cnn_minus_baseline_accuracy"]["value"] == -0.5 and bond["cnn_minus_baseline_accuracy"]["outcome"] == "loses"
+    assert f["die_pad"]["cnn_minus_baseline_accuracy"]["outcome"] == "tied"  # equal on every resample: interval [0, 0]
