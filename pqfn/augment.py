@@ -10,10 +10,11 @@ import torch.nn.functional as F
 
 def augment_batch(
     x: torch.Tensor, gen: torch.Generator, rotation_deg: float, contrast: float, hflip: bool = False,
-    gain: float = 0.0,
+    gain: float = 0.0, dihedral: bool = False,
 ) -> torch.Tensor:
-    """x: (B, 1, H, W) float in [0, 1] -> same shape, each image rotated, contrast-scaled and (gain > 0) multiplied
-    by a gain factor at random (a scanner's gain drifts between sessions).
+    """x: (B, 1, H, W) float in [0, 1] -> same shape, each image rotated, contrast-scaled, (gain > 0) multiplied
+    by a gain factor at random (a scanner's gain drifts between sessions) and (dihedral) turned by a multiple of
+    90 degrees and mirrored at random (the square package's symmetries). The memory format of x is kept.
 
     Random numbers come from `gen`, a generator on x's device: drawn there, no host-to-device copy per batch
     (which would make a GPU step wait for the host). Draws differ between CPU and CUDA for the same seed.
@@ -34,6 +35,15 @@ def augment_batch(
         mean = x.mean(dim=(1, 2, 3), keepdim=True)
         x = ((x - mean) * factor + mean).clamp_(0, 1)
     if gain > 0:  # its own draw, so the other augmentations' random numbers are those of a run without it
-        g = (1 - gain + 2 * gain * torch.rand(b, generator=gen)).to(x.device, x.dtype).view(b, 1, 1, 1)
+        g = (1 - gain + 2 * gain * torch.rand(b, generator=gen, device=gen.device)).to(x.device, x.dtype).view(b, 1, 1, 1)
         x = (x * g).clamp_(0, 1)
+    if dihedral:  # its own draw too; one of the 8 symmetries of the square per image, applied group by group
+        which = torch.randint(0, 8, (b,), generator=gen, device=gen.device)
+        out = x.clone()
+        for k in range(8):
+            sel = (which == k).nonzero().flatten()
+            if len(sel):
+                y = torch.rot90(x[sel], k // 2, dims=(2, 3))
+                out[sel] = y.flip(3) if k % 2 else y
+        x = out
     return x

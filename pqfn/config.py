@@ -103,6 +103,10 @@ class AugmentConfig(_Strict):
     hflip: bool = False
     # gain factor uniform in [1 - g, 1 + g] (scan-session gain drift); 0 = off
     gain: float = Field(0.0, ge=0, lt=1)
+    # a random one of the square package's 8 symmetries (90-degree rotations, each mirrored or not): exact, no
+    # interpolation. A QFN with leads on all four sides looks the same under them, and delamination starts at any
+    # corner or edge, so the label never changes; a bond-pad patch seen on one side teaches all four.
+    dihedral: bool = False
 
 
 class TrialConfig(_Strict):

@@ -169,7 +169,7 @@ class Learner:
                 break  # BatchNorm cannot train on a batch of one
             x = _to_input(self.data.images[rows], self.channels_last)
             a = cfg.augment
-            x = augment_batch(x, self.dev_gen, a.rotation_deg, a.contrast, a.hflip, a.gain)
+            x = augment_batch(x, self.dev_gen, a.rotation_deg, a.contrast, a.hflip, a.gain, a.dihedral)
             x = (x - MEAN) / STD
             with self._autocast():
                 logits = self.model(x)

@@ -246,3 +246,21 @@ def test_repeated_cross_validation_trains_every_repeat_and_averages_its_out_of_f
             by_image.setdefault(int(i), []).append(row)
     for i, row in zip(idx, logits, strict=True):
         assert len(by_image[int(i)]) == 2 and np.allclose(row, np.mean(by_image[int(i)], 0), atol=1e-6)
+
+
+def test_dihedral_augmentation_applies_one_of_the_squares_eight_symmetries() -> None:
+    from pqfn.augment import augment_batch
+
+    x = torch.rand(64, 1, 12, 12).contiguous(memory_format=torch.channels_last)
+    out = augment_batch(x, torch.Generator().manual_seed(0), 0.0, 0.0, dihedral=True)
+    assert out.shape == x.shape and out.is_contiguous(memory_format=torch.channels_last)
+    seen = set()
+    for a, b in zip(x, out, strict=True):
+        images = [torch.rot90(a, k, dims=(1, 2)) for k in range(4)]
+        images += [im.flip(2) for im in images]
+        match = [i for i, im in enumerate(images) if torch.equal(im, b)]
+        assert match, "not a symmetry of the input"  # exact: no interpolation
+        seen.add(match[0])
+    assert seen == set(range(8))
+    same = augment_batch(x, torch.Generator().manual_seed(0), 0.0, 0.0)  # off: the image is untouched
+    assert torch.equal(same, x)
