@@ -37,13 +37,12 @@ def augment_batch(
     if gain > 0:  # its own draw, so the other augmentations' random numbers are those of a run without it
         g = (1 - gain + 2 * gain * torch.rand(b, generator=gen, device=gen.device)).to(x.device, x.dtype).view(b, 1, 1, 1)
         x = (x * g).clamp_(0, 1)
-    if dihedral:  # its own draw too; one of the 8 symmetries of the square per image, applied group by group
-        which = torch.randint(0, 8, (b,), generator=gen, device=gen.device)
-        out = x.clone()
-        for k in range(8):
-            sel = (which == k).nonzero().flatten()
-            if len(sel):
-                y = torch.rot90(x[sel], k // 2, dims=(2, 3))
-                out[sel] = y.flip(3) if k % 2 else y
-        x = out
+    if dihedral:  # its own draw too; one of the 8 symmetries of the square per image
+        which = torch.randint(0, 8, (b,), generator=gen, device=gen.device).to(x.device)
+        turns, mirror = (which // 2).view(b, 1, 1, 1), (which % 2 == 1).view(b, 1, 1, 1)
+        y = x
+        for q in (1, 2, 3):  # torch.where, not indexing by a mask: no host synchronisation on a GPU
+            y = torch.where(turns == q, torch.rot90(x, q, dims=(2, 3)), y)
+        fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        x = torch.where(mirror, y.flip(3), y).contiguous(memory_format=fmt)
     return x

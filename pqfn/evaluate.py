@@ -341,7 +341,7 @@ def localisation(model: FoldEnsemble, ds: Dataset, rows: np.ndarray, train_rows:
 def _bundle_metrics(m: dict[str, Any]) -> dict[str, Any]:
     keys = ("n_test_images", "n_test_packages", "accuracy", "balanced_accuracy", "macro_precision", "macro_recall",
             "macro_f1", "per_class", "raw", "baselines", "intervals", "cheap_baselines", "versus_baseline",
-            "calibration", "localisation", "localisation_baselines", "verdict")
+            "findings", "calibration", "localisation", "localisation_baselines", "verdict")
     return {k: m[k] for k in keys if k in m}
 
 

@@ -351,8 +351,8 @@ class CrossValidation:
     def out_of_fold(self) -> tuple[np.ndarray, np.ndarray]:
         """(dataset indices, logits (N, classes)) of every validation image, each from its own fold's model
         at the latest measured epoch; what the prior-correction strength is chosen on. With repeated
-        cross-validation every image is validated once per repeat: its logits are the mean over the repeats
-        (each from a model that never saw it), in the first repeat's order."""
+        cross-validation every image is validated once per repeat: its row is the log of its mean probability
+        over the repeats (as FoldEnsemble averages; each model never saw it), in the first repeat's order."""
         missing = [k for k, ln in enumerate(self.learners, start=1) if ln.val_logits is None]
         if missing:
             raise TrialError(f"fold {missing[0]}: no validation predictions yet (run an epoch first)")
@@ -363,9 +363,9 @@ class CrossValidation:
         first = idx[: len(idx) // self.cfg.repeats]
         pos = np.searchsorted(np.sort(first), idx)
         order = np.argsort(first)
-        mean = np.zeros((len(first), logits.shape[1]), logits.dtype)
-        np.add.at(mean, order[pos], logits)
-        return first, mean / self.cfg.repeats
+        mean = np.zeros((len(first), logits.shape[1]), np.float64)  # mean probability, as FoldEnsemble averages
+        np.add.at(mean, order[pos], torch.softmax(torch.from_numpy(logits).double(), 1).numpy())
+        return first, np.log(np.clip(mean / self.cfg.repeats, 1e-12, None)).astype(logits.dtype)
 
     def save_models(self, folder: Path) -> None:
         """The fold models and their out-of-fold logits (the selected trial's become the final model)."""
@@ -384,7 +384,11 @@ class CrossValidation:
         }
 
     def load_state_dict(self, st: dict[str, Any]) -> None:
-        if st.get("config") != self.cfg.model_dump(mode="json"):
+        try:  # a checkpoint from before a key existed stores no value for it: its default is what it ran with
+            same = TrialConfig(**st.get("config", {})).model_dump(mode="json") == self.cfg.model_dump(mode="json")
+        except (TypeError, ValueError):
+            same = False
+        if not same:
             raise TrialError("checkpoint: it was written by a trial with another configuration; cannot resume from it")
         for ln, s in zip(self.learners, st["learners"], strict=True):
             ln.load_state_dict(s)

@@ -276,7 +276,7 @@ def out_of_memory(tc: TrialConfig, device: torch.device) -> Iterator[None]:
         share = float(ray.get_runtime_context().get_assigned_resources().get("GPU", 1.0))
         raise TrialError(
             f"CUDA out of memory: {tc.resolution} px, batch {tc.batch_size}, evaluation batch {tc.eval_batch_size}, "
-            f"{tc.folds} folds in {min(share, 1.0):g} of a {total:.0f} GiB GPU; raise resources.gpus_per_trial "
+            f"{tc.folds * tc.repeats} fold models in {min(share, 1.0):g} of a {total:.0f} GiB GPU; raise resources.gpus_per_trial "
             "or lower trial.eval_batch_size (this says nothing about the configuration's quality)"
         ) from None
 
