@@ -159,3 +159,13 @@ def test_a_two_objective_search_may_explore_underfitting_but_never_selects_it() 
     assert p["trial.batch_size"] < 64 and p["trial.optimizer.lr"] >= 3e-5, p  # not one of the underfitting ones
     best = max(o.get("val/bal_acc") for o in outcomes)
     assert sel.selected["val/bal_acc"] >= best - 0.05
+
+
+def test_a_gap_smaller_by_a_hair_of_its_noise_does_not_swap_the_best_away() -> None:
+    """Measured (main job, seed 0): two trials sharing folds, upper gaps 0.057 and 0.063; the old winner rule (smallest
+    upper gap) gave up the best metric for a gap that was no smaller within its noise, and lost 0.16 held-out."""
+    best = _trial("best", [0.55, 0.56, 0.54], [-0.027, 0.020, 0.067])  # gap +0.020 +- 0.043 SE
+    hair = _trial("hair", [0.548, 0.558, 0.538], [-0.052, 0.005, 0.062])  # gap +0.005 +- 0.052 SE, metric 0.002 lower
+    assert _chosen([best, hair]) == "best"
+    shown = _trial("shown", [0.548, 0.558, 0.538], [-0.01, 0.0, 0.01])  # gap +0.000 +- 0.009 SE: below the best's
+    assert _chosen([best, shown]) == "shown"
