@@ -189,6 +189,15 @@ def cheap_baselines(cfg: TrialConfig, ev: EvaluateConfig, ds: Dataset, holdout: 
 FINDINGS = {"die_pad": ("A", "C"), "bond_pad": ("B", "C")}
 
 
+def _finding_rates(said: np.ndarray, truth: np.ndarray, groups: np.ndarray) -> dict[str, Any]:
+    """Accuracy, sensitivity and specificity of one finding's yes/no answers, with package-bootstrap intervals."""
+    nan = {"value": float("nan"), "lo": float("nan"), "hi": float("nan")}
+    r = {"accuracy": bootstrap.rate_interval(said == truth, groups).to_dict()}
+    for key, where, want in (("sensitivity", truth, True), ("specificity", ~truth, False)):
+        r[key] = bootstrap.rate_interval(said[where] == want, groups[where]).to_dict() if where.any() else nan
+    return r
+
+
 def finding_rates(y: np.ndarray, pred: np.ndarray, other: np.ndarray | None, groups: np.ndarray) -> dict[str, Any]:
     """Per finding: how often the model's answer on that finding alone is right (accuracy), on the scans that
     have it (sensitivity) and on those that do not (specificity), with package-bootstrap intervals; with
@@ -198,18 +207,10 @@ def finding_rates(y: np.ndarray, pred: np.ndarray, other: np.ndarray | None, gro
     for name, classes in FINDINGS.items():
         idx = [CLASSES.index(c) for c in classes]
         truth = np.isin(y, idx)
-
-        def rates(p: np.ndarray) -> dict[str, Any]:
-            said = np.isin(p, idx)
-            r = {"accuracy": bootstrap.rate_interval(said == truth, groups).to_dict()}
-            for key, where, want in (("sensitivity", truth, True), ("specificity", ~truth, False)):
-                r[key] = (bootstrap.rate_interval(said[where] == want, groups[where]).to_dict() if where.any()
-                          else {"value": float("nan"), "lo": float("nan"), "hi": float("nan")})
-            return r
-
-        out[name] = {"classes": list(classes), "cnn": rates(pred), "n_with": int(truth.sum()), "n_without": int((~truth).sum())}
+        out[name] = {"classes": list(classes), "cnn": _finding_rates(np.isin(pred, idx), truth, groups),
+                     "n_with": int(truth.sum()), "n_without": int((~truth).sum())}
         if other is not None:
-            out[name]["baseline"] = rates(other)
+            out[name]["baseline"] = _finding_rates(np.isin(other, idx), truth, groups)
             d = bootstrap.paired_rate_difference(np.isin(pred, idx) == truth, np.isin(other, idx) == truth, groups)
             out[name]["cnn_minus_baseline_accuracy"] = d.to_dict() | {"outcome": bootstrap.verdict(d)}
     return out
