@@ -61,6 +61,16 @@ def records(path: Path) -> list[Any]:
     return msgs
 
 
+def written(path: Path) -> bool:
+    """Whether the run file is complete: it holds the run's exit record. run.finish() only *tells* wandb-core
+    the run is over (a message it does not wait on); the core writes its buffer and the exit record a moment
+    later, so a reader right after finish() may find an empty file."""
+    try:
+        return any(m.WhichOneof("record_type") == "exit" for m in records(path))
+    except (OSError, ValueError):
+        return False
+
+
 @dataclass
 class ArtifactUse:
     """An Artifact record of a run: logged as its output, or (used) taken as its input."""

@@ -40,10 +40,11 @@ from pqfn.errors import ConfigError
 from pqfn.io import atomic_write_text
 from pqfn.records import SweepResult, TrialOutcome
 from pqfn.report import trial_table
-from pqfn.wandb_files import logged_steps
+from pqfn.wandb_files import logged_steps, written
 
 SERVICE_ENV = "WANDB_SERVICE"
 INIT_ATTEMPTS, INIT_WAIT_S = 5, 3.0  # up to 30 s of waiting for a run id still in use
+WRITTEN_WAIT_S = 30.0  # how long finish_run waits for wandb-core to write an offline run's file
 DATASET_FILE = "dataset.json"  # <sweep>/wandb/dataset.json: the content of the dataset Artifact
 TRIAL_FILE = "trial.json"  # <sweep>/trials/<id>/trial.json: the content of a trial Artifact
 
@@ -128,6 +129,24 @@ def init_run(cfg: Config, *, job_type: str, name: str, config: dict[str, Any], f
     return None
 
 
+def finish_run(run: Any) -> None:
+    """run.finish(), and for an offline run: return once its file is complete on disk (its exit record written).
+
+    wandb-core closes a run's file after finish() has returned; a restart, a `wandb sync` or a reader started
+    right then would see an empty file. A run not written within WRITTEN_WAIT_S gets a warning, never an error.
+    """
+    run.finish()
+    if not getattr(run.settings, "_offline", False):
+        return
+    path = Path(run.settings.sync_file)
+    deadline = time.monotonic() + WRITTEN_WAIT_S
+    while not written(path):
+        if time.monotonic() > deadline:
+            warnings.warn(f"W&B: {path} not complete {WRITTEN_WAIT_S:.0f} s after the run finished", stacklevel=2)
+            return
+        time.sleep(0.05)
+
+
 @dataclass
 class TrialRun:
     """One trial's W&B run; each step (epoch) is logged at most once across the trial's restarts.
@@ -154,7 +173,7 @@ class TrialRun:
             self.log(shape(rec), step=int(rec["epoch"]))
 
     def finish(self) -> None:
-        self.run.finish()
+        finish_run(self.run)
 
 
 def trial_run(cfg: Config, overrides: dict[str, Any], trial_name: str | None = None, trial_id: str | None = None,
@@ -273,7 +292,7 @@ def summary_run(cfg: Config, sdir: Path, rows: list[TrialOutcome], result: Sweep
         run.summary[f"time/{k}_s"] = v
     if result.timing:
         run.summary["time/search_efficiency"] = result.timing["search_efficiency"]
-    run.finish()
+    finish_run(run)
 
 
 # ------------------------------------------------------------------ Artifacts (lineage)

@@ -20,7 +20,7 @@ import pytest
 import wandb
 
 from pqfn.config import load_config
-from pqfn.wandb_files import epoch_steps, logged_steps, offline_runs
+from pqfn.wandb_files import epoch_steps, logged_steps, offline_runs, records, written
 from pqfn.wandb_log import SERVICE_ENV, trial_run
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -129,3 +129,16 @@ def test_reader_ignores_a_cut_tail(tmp_path: Path) -> None:
     assert whole == {1, 2, 3} and {1, 2} <= cut <= whole
     f.write_bytes(b"not a W&B file")
     assert logged_steps(tmp_path / "wandb", RUN_ID) == set()  # unreadable: every epoch is logged again
+
+
+def test_finish_returns_once_the_offline_file_is_written(tmp_path: Path) -> None:
+    """wandb's finish() only informs its core, which writes the file a moment later: read at once, the file was
+    empty (seen in CI: a restart test found no run). TrialRun.finish returns once the exit record is on disk."""
+    cfg = load_config(ROOT / "configs/quickstart.yaml", ["wandb.mode=offline"])
+    run = trial_run(cfg, {}, trial_name="t", trial_id=RUN_ID, folder=tmp_path)
+    assert run is not None
+    run.replay(_history(200))
+    path = Path(run.run.settings.sync_file)
+    run.finish()
+    kinds = [m.WhichOneof("record_type") for m in records(path)]  # read at once, no waiting
+    assert written(path) and kinds[-1] == "exit" and "history" in kinds
