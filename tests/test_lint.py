@@ -23,8 +23,27 @@ def test_static_checks(tool: list[str]) -> None:
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
 
 
+def _imported_roots(path: Path) -> set[str]:
+    """The top-level packages a file imports, anywhere in it (module top, functions, TYPE_CHECKING blocks)."""
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module.split(".")[0])
+    return out
+
+
+def test_pqfn_source_never_imports_ray_or_tune_jobs() -> None:
+    """The fast check, from the source: no pqfn file names ray or tune_jobs in any import, even inside a function."""
+    bad = {p.name: sorted(_imported_roots(p) & {"ray", "tune_jobs"}) for p in (ROOT / "pqfn").glob("*.py")}
+    assert {k: v for k, v in bad.items() if v} == {}
+
+
+@pytest.mark.slow  # a fresh interpreter importing torch, timm, wandb, sklearn, onnx...: 8 s
 def test_pqfn_never_imports_ray_or_tune_jobs() -> None:
-    """Import every pqfn module in a fresh interpreter: neither ray nor tune_jobs may end up in sys.modules."""
+    """Import every pqfn module in a fresh interpreter: neither ray nor tune_jobs may end up in sys.modules
+    (also through a library pqfn imports, which the source check above cannot see)."""
     mods = sorted(f"pqfn.{p.stem}" for p in (ROOT / "pqfn").glob("*.py") if p.stem != "__init__")
     code = ("import importlib, sys\n"
             f"for m in {mods!r}: importlib.import_module(m)\n"

@@ -224,6 +224,7 @@ def test_progress_inside_an_epoch_without_ray(tiny_ds: Dataset, pool: np.ndarray
     assert p.run_epochs == 3 and p.epoch_s is not None and p.seconds_per_epoch() is not None
 
 
+@pytest.mark.slow  # trains 2 x 3 fold models: seconds
 def test_repeated_cross_validation_trains_every_repeat_and_averages_its_out_of_fold(tiny_ds: Dataset, pool: np.ndarray) -> None:
     once = CrossValidation(TrialConfig(**(TINY | {"epochs": 1})), tiny_ds, pool)
     cv = CrossValidation(TrialConfig(**(TINY | {"epochs": 1, "repeats": 2})), tiny_ds, pool)
