@@ -23,20 +23,21 @@ def test_static_checks(tool: list[str]) -> None:
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
 
 
-def _imported_roots(path: Path) -> set[str]:
-    """The top-level packages a file imports, anywhere in it (module top, functions, TYPE_CHECKING blocks)."""
+def _imports(path: Path) -> set[str]:
+    """The modules a file imports, anywhere in it (module top, functions, TYPE_CHECKING blocks); `from a import b`
+    counts as both a and a.b (b may be a module)."""
     out: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            out |= {a.name.split(".")[0] for a in node.names}
+            out |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            out.add(node.module.split(".")[0])
+            out |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
     return out
 
 
 def test_pqfn_source_never_imports_ray_or_tune_jobs() -> None:
     """The fast check, from the source: no pqfn file names ray or tune_jobs in any import, even inside a function."""
-    bad = {p.name: sorted(_imported_roots(p) & {"ray", "tune_jobs"}) for p in (ROOT / "pqfn").glob("*.py")}
+    bad = {p.name: sorted({m.split(".")[0] for m in _imports(p)} & {"ray", "tune_jobs"}) for p in (ROOT / "pqfn").glob("*.py")}
     assert {k: v for k, v in bad.items() if v} == {}
 
 
@@ -54,25 +55,11 @@ def test_pqfn_never_imports_ray_or_tune_jobs() -> None:
     assert r.stdout.strip() == "", f"pqfn imports {r.stdout.strip()}"
 
 
-def _pqfn_imports(path: Path) -> set[str]:
-    """The pqfn modules a file imports, anywhere in it (module top, functions, TYPE_CHECKING blocks)."""
-    out: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            out |= {a.name for a in node.names if a.name.startswith("pqfn.")}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            if node.module == "pqfn":
-                out |= {f"pqfn.{a.name}" for a in node.names}
-            elif node.module.startswith("pqfn."):
-                out.add(node.module)
-    return out
-
-
 def test_no_import_cycles_in_pqfn() -> None:
     """The graph of pqfn's imports has no cycle (read from the source, so a cycle hidden inside a function,
     which imports fine at run time until the day it does not, fails here too)."""
     mods = {f"pqfn.{p.stem}": p for p in (ROOT / "pqfn").glob("*.py") if p.stem != "__init__"}
-    graph = {m: sorted(_pqfn_imports(p) & mods.keys() - {m}) for m, p in mods.items()}
+    graph = {m: sorted(_imports(p) & mods.keys() - {m}) for m, p in mods.items()}
     state: dict[str, int] = {}  # 1 = on the current path, 2 = done
 
     def visit(m: str, path: list[str]) -> None:
