@@ -12,12 +12,23 @@ def augment_batch(
     x: torch.Tensor, gen: torch.Generator, rotation_deg: float, contrast: float, hflip: bool = False,
     gain: float = 0.0, dihedral: bool = False,
 ) -> torch.Tensor:
+    return augment_with_masks(x, None, gen, rotation_deg, contrast, hflip, gain, dihedral)[0]
+
+
+def augment_with_masks(
+    x: torch.Tensor, masks: torch.Tensor | None, gen: torch.Generator, rotation_deg: float, contrast: float,
+    hflip: bool = False, gain: float = 0.0, dihedral: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """x: (B, 1, H, W) float in [0, 1] -> same shape, each image rotated, contrast-scaled, (gain > 0) multiplied
     by a gain factor at random (a scanner's gain drifts between sessions) and (dihedral) turned by a multiple of
     90 degrees and mirrored at random (the square package's symmetries). The memory format of x is kept.
 
     Random numbers come from `gen`, a generator on x's device: drawn there, no host-to-device copy per batch
     (which would make a GPU step wait for the host). Draws differ between CPU and CUDA for the same seed.
+
+    masks: (B, C, H, W) float 0/1 planes (or None) that take the same rotation, mirror and turn as their image and
+    no photometric change; a rotated mask stays 0/1 (a pixel is marked when it was at least half covered). The
+    random draws are the same with and without masks.
     """
     b = x.shape[0]
     u = torch.rand(b, 3, generator=gen, device=gen.device).to(x.dtype)
@@ -30,6 +41,8 @@ def augment_batch(
         theta[:, 1, 0], theta[:, 1, 1] = sin * flip, cos
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        if masks is not None:
+            masks = (F.grid_sample(masks, grid, mode="bilinear", padding_mode="zeros", align_corners=False) >= 0.5).to(masks.dtype)
     if contrast > 0:
         factor = (1 - contrast + 2 * contrast * u[:, 1]).view(b, 1, 1, 1)
         mean = x.mean(dim=(1, 2, 3), keepdim=True)
@@ -40,9 +53,17 @@ def augment_batch(
     if dihedral:  # its own draw too; one of the 8 symmetries of the square per image
         which = torch.randint(0, 8, (b,), generator=gen, device=gen.device).to(x.device)
         turns, mirror = (which // 2).view(b, 1, 1, 1), (which % 2 == 1).view(b, 1, 1, 1)
-        y = x
-        for q in (1, 2, 3):  # torch.where, not indexing by a mask: no host synchronisation on a GPU
-            y = torch.where(turns == q, torch.rot90(x, q, dims=(2, 3)), y)
-        fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-        x = torch.where(mirror, y.flip(3), y).contiguous(memory_format=fmt)
-    return x
+        x = _turn(x, turns, mirror)
+        if masks is not None:
+            masks = _turn(masks, turns, mirror)
+    return x, masks
+
+
+def _turn(x: torch.Tensor, turns: torch.Tensor, mirror: torch.Tensor) -> torch.Tensor:
+    """Each image of x turned by its number of quarter turns, then mirrored where `mirror`; memory format kept."""
+    y = x
+    for q in (1, 2, 3):  # torch.where, not indexing by a mask: no host synchronisation on a GPU
+        y = torch.where(turns == q, torch.rot90(x, q, dims=(2, 3)), y)
+    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    return torch.where(mirror, y.flip(3), y).contiguous(memory_format=fmt)
+

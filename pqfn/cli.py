@@ -108,10 +108,11 @@ def _load(a: argparse.Namespace) -> Any:
 
 
 def _data(cfg: Any) -> tuple[Any, Any]:
+    from pqfn.config import uses_masks
     from pqfn.data import load_dataset
     from pqfn.splits import split_test
 
-    ds = load_dataset(cfg.data)
+    ds = load_dataset(cfg.data, masks=uses_masks(cfg))
     return ds, split_test(ds, cfg.data.test_fraction, cfg.data.split_seed)
 
 

@@ -126,6 +126,10 @@ class TrialConfig(_Strict):
     optimizer: OptimizerConfig = OptimizerConfig()
     schedule: Literal["none", "cosine"] = "cosine"
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    # Weight of the dense loss on the true delamination masks (0 = off); needs trial.model=resnet18_dense (a
+    # ResNet-18 with a dense delamination head, pqfn.model.DenseResNet18) and a mask for every image (a
+    # manifest's mask column; pqfn synth writes them). README, "Is the CNN worth it?".
+    mask_loss: float = Field(0.0, ge=0)
     augment: AugmentConfig = AugmentConfig()
     max_copies: int = Field(3, ge=0)  # at most this many augmented copies of one original image
     seed: int = 0
@@ -502,3 +506,8 @@ def absolutize_paths(cfg: Config) -> Config:
 
 def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def uses_masks(cfg: Config) -> bool:
+    """Whether some trial of this configuration trains with the mask loss (so the data set's masks are decoded)."""
+    return cfg.trial.mask_loss > 0 or "trial.mask_loss" in cfg.search.space

@@ -6,6 +6,7 @@ decode size), so a second run does not decode again; a changed file invalidates 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -74,6 +75,9 @@ class Dataset:
     is_test: np.ndarray  # (N,) bool: from a separate test manifest
     files: np.ndarray  # (N,) str, the image file as opened (relative paths resolved against the manifest)
     has_package_ids: bool = True
+    # (N, H, W) uint8 ground-truth masks at the decoded size (0 none, 1 die pad, 2 bond pad), decoded once
+    # by with_masks() when training needs them (trial.mask_loss); None otherwise
+    masks: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -82,7 +86,21 @@ class Dataset:
         return Dataset(
             self.images[idx], self.labels[idx], self.package_ids[idx], self.metallization[idx],
             self.cycles[idx], self.paths[idx], self.is_test[idx], self.files[idx], self.has_package_ids,
+            None if self.masks is None else self.masks[idx],
         )
+
+
+def with_masks(ds: Dataset, why: str = "trial.mask_loss > 0") -> Dataset:
+    """`ds` with every image's ground-truth mask decoded once, at the images' size (read-only, shared like the
+    images). A missing or unreadable mask is one DataError naming the image and `why` masks are needed."""
+    if ds.masks is not None:
+        return ds
+    try:
+        masks = load_masks(ds, ds.images.shape[-1])
+    except DataError as e:
+        raise DataError(f"{why} needs a mask for every image: {e}") from None
+    masks.setflags(write=False)
+    return dataclasses.replace(ds, masks=masks)
 
 
 @dataclass(frozen=True)
@@ -226,8 +244,14 @@ def _decode_all(rows: list[_Row], cfg: DataConfig) -> tuple[np.ndarray, list[int
     return out[: len(kept)], kept, bad
 
 
-def load_dataset(cfg: DataConfig, *, cache: bool = True, log: bool = True) -> Dataset:
-    """Read the configured source (generating the synthetic set on first use) and decode it once."""
+def load_dataset(cfg: DataConfig, *, cache: bool = True, log: bool = True, masks: bool = False) -> Dataset:
+    """Read the configured source (generating the synthetic set on first use) and decode it once; with `masks`,
+    every image's ground-truth mask too (trial.mask_loss: see pqfn.config.uses_masks)."""
+    ds = _load_dataset(cfg, cache=cache, log=log)
+    return with_masks(ds) if masks else ds
+
+
+def _load_dataset(cfg: DataConfig, *, cache: bool, log: bool) -> Dataset:
     cache_dir = cfg.cache_dir or default_cache_dir()
     if cache:  # before any decoding: a cache path that cannot be a folder must not cost a full decode first
         check_output_paths(folders={"data.cache_dir": cache_dir})

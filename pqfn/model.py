@@ -1,4 +1,7 @@
-"""Models by timm name; optional pretrained weights from a local file (never downloaded)."""
+"""Models by timm name; optional pretrained weights from a local file (never downloaded).
+
+Importing this module also registers `resnet18_dense` with timm (DenseResNet18): a ResNet-18 with a dense
+delamination head, built by name like any timm model (trial.model, bundles, export)."""
 
 from __future__ import annotations
 
@@ -6,7 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import timm
+from timm.models import register_model
+from timm.models.resnet import BasicBlock, ResNet
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pqfn.config import CLASSES
@@ -71,3 +77,77 @@ def build_model(name: str, pretrained: Path | None = None, num_classes: int = le
         load[k] = v
     model.load_state_dict(load, strict=False)
     return model
+
+
+DENSE_MODEL = "resnet18_dense"
+
+
+class DenseResNet18(ResNet):
+    """A timm ResNet-18 (every stage, its pooled classifier) with a dense delamination head beside it.
+
+    Why: a bond-pad delamination is a few pixels at one of 28 lead tips. The pooled classifier averages it
+    away over the whole map and, from one label per image and a CPU's hundred optimizer steps, does not learn
+    it (README, "Is the CNN worth it?"). The dense head is a 1x1 convolution on the stride-8 features (layer2,
+    12 x 12 cells at 96 px) giving, per cell, a logit for "die pad delaminated here" and one for "bond pad
+    delaminated here". Its maximum over the cells is the scan's finding logit (a patch anywhere counts in
+    full), and the two findings make four class log-probabilities (A = die pad and not bond pad, B, C, D),
+    which are added to the classifier's logits: the model's output is still (B, 4) logits, so ensembles, the
+    prior correction, Grad-CAM and ONNX export see an ordinary classifier.
+
+    With trial.mask_loss > 0 the cells are also trained on the true masks (dense_loss); without masks the
+    head still learns from the class loss alone, through its maximum.
+    """
+
+    # Positive cells weigh more in the mask loss: a die-pad patch covers a few cells, a bond-pad patch about
+    # a tenth of that.
+    POS_WEIGHT = (2.0, 10.0)
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(block=BasicBlock, layers=(2, 2, 2, 2), **kwargs)
+        stride8 = next(f for f in self.feature_info if f["reduction"] == 8)
+        self.dense = nn.Conv2d(int(stride8["num_chs"]), 2, kernel_size=1)
+        self._cells: torch.Tensor | None = None  # the latest training forward's dense logits (dense_loss)
+        self.default_cfg = self.pretrained_cfg = {"first_conv": "conv1", "classifier": "fc"}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
+        f8 = self.layer2(self.layer1(x))
+        logits = self.forward_head(self.layer4(self.layer3(f8)))
+        cells = self.dense(f8)  # (B, 2, h, w): die pad, bond pad
+        if self.training:
+            self._cells = cells
+        return logits.float() + findings_log_probs(cells.float().amax(dim=(2, 3)))
+
+    def dense_loss(self, masks: torch.Tensor) -> torch.Tensor:
+        """masks (B, 2, r, r) float 0/1 (die pad, bond pad) of the batch just seen in training -> the mean
+        class-weighted binary cross-entropy of the cells (a cell is positive when any of its pixels is)."""
+        if self._cells is None:
+            raise RuntimeError("dense_loss before a training forward pass")
+        cells, self._cells = self._cells.float(), None
+        target = F.adaptive_max_pool2d(masks.float(), cells.shape[-2:])
+        weight = torch.tensor(self.POS_WEIGHT, device=cells.device).view(1, 2, 1, 1)
+        return F.binary_cross_entropy_with_logits(cells, target, pos_weight=weight)
+
+
+def findings_log_probs(z: torch.Tensor) -> torch.Tensor:
+    """(B, 2) logits of the two findings (die pad, bond pad delaminated) -> (B, 4) log-probabilities of the
+    classes A (die pad only), B (bond pad only), C (both), D (none), the findings taken as independent."""
+    yes, no = F.logsigmoid(z), F.logsigmoid(-z)
+    return torch.stack([yes[:, 0] + no[:, 1], no[:, 0] + yes[:, 1], yes[:, 0] + yes[:, 1], no[:, 0] + no[:, 1]], 1)
+
+
+@register_model
+def resnet18_dense(pretrained: bool = False, **kwargs: Any) -> DenseResNet18:
+    """timm entry point of DenseResNet18 (weights, if any, come through pqfn.model.build_model's file)."""
+    if pretrained:
+        raise TrialError(f"{DENSE_MODEL}: no downloadable weights; set trial.pretrained to a local file")
+    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # timm's hub settings: nothing to fetch
+        kwargs.pop(key, None)
+    return DenseResNet18(**kwargs)
+
+
+def check_mask_loss(model_name: str, mask_loss: float) -> None:
+    """trial.mask_loss trains a dense head: only a model that has one can take it."""
+    if mask_loss > 0 and model_name != DENSE_MODEL:
+        raise TrialError(f"trial.mask_loss={mask_loss} needs trial.model={DENSE_MODEL} (the model with a dense "
+                         f"delamination head); trial.model is {model_name} (set trial.mask_loss=0)")

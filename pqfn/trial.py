@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pqfn.augment import augment_batch
+from pqfn.augment import augment_with_masks
 from pqfn.baselines import fold_records, make_baselines
 from pqfn.config import TrialConfig
 from pqfn.data import Dataset
@@ -29,7 +29,7 @@ from pqfn.device import native_bf16
 from pqfn.ensemble import save_members
 from pqfn.errors import TrialError
 from pqfn.metrics import aggregate, aggregate_keys, class_metrics, versus_baseline, with_gaps
-from pqfn.model import build_model, check_model_name
+from pqfn.model import build_model, check_mask_loss, check_model_name
 from pqfn.records import TrialProgress
 from pqfn.splits import Fold, build_pool, describe_pool, repeated_folds
 
@@ -70,7 +70,7 @@ def resize_uint8(images: torch.Tensor, resolution: int) -> torch.Tensor:
 class TrialImages:
     """The images one trial needs, resized ONCE to the trial's resolution and held on the device."""
 
-    def __init__(self, ds: Dataset, needed: np.ndarray, resolution: int, device: torch.device):
+    def __init__(self, ds: Dataset, needed: np.ndarray, resolution: int, device: torch.device, masks: bool = False):
         needed = np.unique(needed)
         self.row = np.full(len(ds), -1, np.int64)  # dataset index -> row in self.images
         self.row[needed] = np.arange(len(needed))
@@ -79,6 +79,20 @@ class TrialImages:
             chunks.append(resize_uint8(torch.from_numpy(ds.images[needed[s : s + 256]]).to(device), resolution))
         self.images = torch.cat(chunks)  # (M, 1, r, r) uint8
         self.labels = torch.from_numpy(ds.labels[needed]).to(device)  # (M,) int64
+        # (M, 2, r, r) uint8 die-pad and bond-pad planes (trial.mask_loss): a pixel is marked when any part of it
+        # was delaminated, so a bond-pad patch survives a lower resolution
+        self.masks: torch.Tensor | None = None
+        if masks:
+            if ds.masks is None:
+                raise TrialError("trial.mask_loss > 0 needs the data set's masks (pqfn.data.with_masks)")
+            planes = []
+            for s in range(0, len(needed), 256):
+                m = torch.from_numpy(ds.masks[needed[s : s + 256]]).to(device)
+                p = torch.stack([m == 1, m == 2], 1).float()
+                if p.shape[-1] != resolution or p.shape[-2] != resolution:
+                    p = F.adaptive_max_pool2d(p, resolution)
+                planes.append(p.to(torch.uint8))
+            self.masks = torch.cat(planes)
 
     def rows(self, idx: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(self.row[idx]).to(self.images.device)
@@ -168,12 +182,16 @@ class Learner:
             if len(rows) < 2:
                 break  # BatchNorm cannot train on a batch of one
             x = _to_input(self.data.images[rows], self.channels_last)
+            masks = self.data.masks[rows].float() if cfg.mask_loss > 0 and self.data.masks is not None else None
             a = cfg.augment
-            x = augment_batch(x, self.dev_gen, a.rotation_deg, a.contrast, a.hflip, a.gain, a.dihedral)
+            y = self.data.labels[rows]
+            x, masks = augment_with_masks(x, masks, self.dev_gen, a.rotation_deg, a.contrast, a.hflip, a.gain, a.dihedral)
             x = (x - MEAN) / STD
             with self._autocast():
                 logits = self.model(x)
-                loss = F.cross_entropy(logits.float(), self.data.labels[rows], label_smoothing=cfg.label_smoothing)
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+                if masks is not None:
+                    loss = loss + cfg.mask_loss * self.model.dense_loss(masks)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
@@ -239,6 +257,7 @@ class CrossValidation:
 
     def __init__(self, cfg: TrialConfig, ds: Dataset, pool: np.ndarray, device: torch.device | None = None):
         check_model_name(cfg.model)
+        check_mask_loss(cfg.model, cfg.mask_loss)
         self.cfg = cfg
         self.device = device or pick_device(cfg.device)
         if cfg.threads:
@@ -247,7 +266,7 @@ class CrossValidation:
         self.ds = ds
         self.folds = repeated_folds(ds, self.entries, cfg.folds, cfg.repeats, cfg.seed)  # K x repeats
         check_trial(cfg, self.folds)
-        self.data = TrialImages(ds, self.entries, cfg.resolution, self.device)
+        self.data = TrialImages(ds, self.entries, cfg.resolution, self.device, masks=cfg.mask_loss > 0)
         # The cheap baselines on the same folds (well under a second): their figures join every record.
         self.baseline_folds = fold_records(ds, self.folds, make_baselines(ds, self.entries))
         self.learners = [

@@ -35,7 +35,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
 
 from pqfn.audit import run_audit
-from pqfn.config import Config, absolutize_paths, dump_config, load_config, with_overrides
+from pqfn.config import Config, absolutize_paths, dump_config, load_config, uses_masks, with_overrides
 from pqfn.data import Dataset, load_dataset
 from pqfn.errors import ConfigError, PqfnError
 from pqfn.evaluate import evaluate_selection
@@ -145,7 +145,7 @@ def run_sweep(cfg: Config, *, address: str | None = None, resume: bool = False, 
     sdir, state, resuming = prepare_folder(cfg, resume=resume, overwrite=overwrite, log=log)
     # 1. load: decode every image once (generating the synthetic set on first use)
     with clock("data"):
-        data = load_dataset(cfg.data)
+        data = load_dataset(cfg.data, masks=uses_masks(cfg))
     # 2. hold out whole packages before any search; check every configuration can run
     holdout = split_test(data, cfg.data.test_fraction, cfg.data.split_seed)
     preflight(cfg, data, holdout.pool)
