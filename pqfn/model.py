@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import timm
-from timm.models import register_model
-from timm.models.resnet import BasicBlock, ResNet
 import torch
 import torch.nn.functional as F
+from timm.models import register_model
+from timm.models.resnet import BasicBlock, ResNet
 from torch import nn
 
 from pqfn.config import CLASSES

@@ -1,0 +1,118 @@
+"""resnet18_dense (pqfn.model.DenseResNet18) and trial.mask_loss: built by name, trained on the true masks,
+masks that follow their image through augmentation, and the errors when a part is missing."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from pqfn.augment import augment_with_masks
+from pqfn.config import TrialConfig
+from pqfn.data import Dataset, with_masks
+from pqfn.errors import DataError, TrialError
+from pqfn.model import DENSE_MODEL, DenseResNet18, build_model, findings_log_probs
+from pqfn.splits import split_test
+from pqfn.trial import CrossValidation
+
+TINY = dict(model=DENSE_MODEL, mask_loss=5.0, resolution=32, folds=2, epochs=1, data_size=40, batch_size=8,
+            max_copies=10, device="cpu")
+
+
+def test_built_by_name_like_any_timm_model() -> None:
+    assert timm.is_model(DENSE_MODEL)
+    m = build_model(DENSE_MODEL)
+    assert isinstance(m, DenseResNet18)
+    plain = build_model("resnet18")
+    # every ResNet-18 weight is there, plus the 1x1 dense head (2 x 128 weights + 2 biases)
+    extra = {k: v.shape for k, v in m.state_dict().items() if k not in plain.state_dict()}
+    assert extra == {"dense.weight": torch.Size([2, 128, 1, 1]), "dense.bias": torch.Size([2])}
+    m.eval()
+    out = m(torch.randn(3, 1, 64, 64))
+    assert out.shape == (3, 4) and torch.isfinite(out).all()
+
+
+def test_findings_make_a_distribution_over_the_four_classes() -> None:
+    z = torch.tensor([[8.0, -8.0], [-8.0, 8.0], [8.0, 8.0], [-8.0, -8.0], [0.3, -1.2]])
+    lp = findings_log_probs(z)
+    assert torch.allclose(lp.logsumexp(1), torch.zeros(5), atol=1e-6)
+    assert lp[:4].argmax(1).tolist() == [0, 1, 2, 3]  # die pad only = A, bond pad only = B, both = C, none = D
+
+
+def test_dense_loss_falls_where_the_mask_is_learned() -> None:
+    torch.manual_seed(0)
+    m = build_model(DENSE_MODEL)
+    m.train()
+    x = torch.zeros(4, 1, 32, 32)
+    masks = torch.zeros(4, 2, 32, 32)
+    x[:2, :, 4:10, 4:10] = 3.0  # a bright patch where the bond-pad plane is marked
+    masks[:2, 1, 4:10, 4:10] = 1.0
+    opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(15):
+        m(x)
+        loss = m.dense_loss(masks)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    with pytest.raises(RuntimeError, match="before a training forward"):
+        m.dense_loss(masks)  # the cells of a forward are used once
+
+
+def test_masks_follow_their_image_through_rotation_and_the_dihedral_turns() -> None:
+    g = torch.Generator().manual_seed(3)
+    masks = torch.zeros(8, 2, 24, 24)
+    for i in range(8):
+        masks[i, i % 2, 2 + i : 7 + i, 3 : 5 + i] = 1.0  # asymmetric blobs, so every turn and mirror shows
+    x = masks[:, :1] * 0.6 + masks[:, 1:] * 0.9  # the image is its masks, drawn in two levels
+    # no photometric change (contrast, gain), no interpolation: the image must still be its masks
+    out, out_masks = augment_with_masks(x.clone(), masks.clone(), g, 0.0, 0.0, False, 0.0, True)
+    assert out_masks is not None
+    assert torch.equal(out, out_masks[:, :1] * 0.6 + out_masks[:, 1:] * 0.9)
+    assert not torch.equal(out_masks, masks)  # something was turned
+    # the same draws with and without masks
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    a, _ = augment_with_masks(x.clone(), masks.clone(), g1, 15.0, 0.2, False, 0.1, True)
+    b, none = augment_with_masks(x.clone(), None, g2, 15.0, 0.2, False, 0.1, True)
+    assert none is None and torch.equal(a, b)
+    # a rotated mask stays 0/1 and keeps roughly its area
+    _, rot = augment_with_masks(x.clone(), masks.clone(), torch.Generator().manual_seed(1), 20.0, 0.0, False, 0.0, False)
+    assert rot is not None and set(rot.unique().tolist()) <= {0.0, 1.0}
+    assert abs(rot.sum().item() - masks.sum().item()) < 0.25 * masks.sum().item()
+
+
+def test_a_trial_trains_the_dense_head_on_the_masks(tiny_ds: Dataset) -> None:
+    ds = with_masks(tiny_ds)
+    assert ds.masks is not None and ds.masks.shape == ds.images.shape and not ds.masks.flags.writeable
+    pool = split_test(ds, 0.2, seed=0).pool
+    cv = CrossValidation(TrialConfig(**TINY), ds, pool)
+    assert cv.data.masks is not None and cv.data.masks.shape[1:] == (2, 32, 32)
+    # the planes hold exactly the classes' findings: die pad for A and C, bond pad for B and C
+    labels = cv.data.labels.numpy()
+    die, bond = (cv.data.masks[:, 0].flatten(1).amax(1).numpy() > 0), (cv.data.masks[:, 1].flatten(1).amax(1).numpy() > 0)
+    assert (die == np.isin(labels, [0, 2])).all() and (bond == np.isin(labels, [1, 2])).all()
+    before = {k: v.clone() for k, v in cv.learners[0].model.dense.state_dict().items()}
+    rec = cv.fit().final
+    assert np.isfinite(rec["val/loss"])
+    after = cv.learners[0].model.dense.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_mask_loss_needs_the_dense_model_and_the_masks(tiny_ds: Dataset, tmp_path: Path) -> None:
+    pool = split_test(tiny_ds, 0.2, seed=0).pool
+    with pytest.raises(TrialError, match="trial.mask_loss=5.0 needs trial.model=resnet18_dense"):
+        CrossValidation(TrialConfig(**(TINY | {"model": "resnet18"})), tiny_ds, pool)
+    with pytest.raises(TrialError, match="needs the data set's masks"):
+        CrossValidation(TrialConfig(**TINY), tiny_ds, pool)  # masks not decoded
+    # an image without a mask: one line naming it and why masks are needed
+    files = tiny_ds.files.astype(object)
+    files[0] = str(tmp_path / "elsewhere.png")
+    ds = dataclasses.replace(tiny_ds, files=files)
+    with pytest.raises(DataError, match=r"trial.mask_loss > 0 needs a mask for every image: .*elsewhere.png"):
+        with_masks(ds)
