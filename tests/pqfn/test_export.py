@@ -18,15 +18,17 @@ from tests.pqfn.bundles import PRIORS, make_bundle
 ATOL_LOGITS, ATOL_PROBS = 1e-4, 1e-5
 
 
-def test_onnx_matches_pytorch_on_scans(tmp_path: Path, tiny_ds: Dataset) -> None:
+@pytest.mark.parametrize("model_name", ["resnet18", "resnet18_dense"])
+def test_onnx_matches_pytorch_on_scans(tmp_path: Path, tiny_ds: Dataset, model_name: str) -> None:
     import onnxruntime as ort
 
-    folder = make_bundle(tmp_path / "b", decode_size=tiny_ds.images.shape[-1])
+    folder = make_bundle(tmp_path / "b", decode_size=tiny_ds.images.shape[-1], model_name=model_name)
     onnx_file = tmp_path / "model.onnx"
     assert main(["export", str(folder), "--onnx", str(onnx_file)]) == 0
     note = json.loads((tmp_path / "model.preprocessing.json").read_text())
     assert note["input"]["shape"] == ["batch", 1, 32, 32] and note["priors"] == PRIORS
     b = load_bundle(folder)
+    assert type(b.model).__name__ == ("DenseResNet18" if model_name == "resnet18_dense" else "ResNet")
     session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
     for n in (1, 7):  # dynamic batch
         x = b.preprocessing.resize(tiny_ds.images[:n])  # (n, 1, 32, 32) uint8, real scans
