@@ -41,7 +41,7 @@ from pqfn.errors import ConfigError, PqfnError
 from pqfn.evaluate import evaluate_selection
 from pqfn.io import atomic_write_text, check_output_paths, read_json, read_yaml
 from pqfn.metrics import MEMORY_METRICS
-from pqfn.model import check_model_name
+from pqfn.model import check_mask_loss, check_model_name
 from pqfn.records import COMPLETED, FAILED, STOPPED, SweepResult, TrialOutcome, is_complete
 from pqfn.report import print_summary, read_trials_csv, write_sweep
 from pqfn.selection import select
@@ -313,6 +313,7 @@ def preflight(cfg: Config, data: Dataset, pool: Any) -> None:
     for p in points or [{}]:
         c = with_overrides(cfg, p).trial
         check_model_name(c.model)
+        check_mask_loss(c.model, c.mask_loss)
         build_pool(data, pool, c.data_size, c.max_copies, c.seed)
 
 

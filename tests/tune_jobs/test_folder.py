@@ -66,3 +66,11 @@ def test_output_dir_that_is_a_file_fails_before_anything(tmp_path: Path, tiny_da
     with pytest.raises(PqfnError, match="output_dir .*runs: is a file, expected a folder"):
         run_sweep(cfg, log=lambda *a: None)
     assert (tmp_path / "runs").read_text() == "not a folder"
+
+
+def test_mask_loss_without_the_dense_model_fails_before_any_trial(tmp_path: Path, tiny_data_cfg: DataConfig) -> None:
+    yaml = sweep_yaml(tmp_path, tiny_data_cfg, "masks", (
+        "search:\n  type: grid\n  space: {trial.resolution: {choice: [32]}}\nwandb: {mode: disabled}\n"))
+    with pytest.raises(PqfnError, match=r"trial.mask_loss=5.0 needs trial.model=resnet18_dense"):
+        run_sweep(load_config(yaml, ["trial.mask_loss=5"]), log=lambda *a: None)
+    assert not (tmp_path / "runs/masks/trials").exists() or not any((tmp_path / "runs/masks/trials").iterdir())
