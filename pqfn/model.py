@@ -99,14 +99,17 @@ class DenseResNet18(ResNet):
     """
 
     # Positive cells weigh more in the mask loss: a die-pad patch covers a few cells, a bond-pad patch about
-    # a tenth of that.
+    # a tenth of that (3 and 30 for the bond pad measured the same: README, "Quickstart", levers).
     POS_WEIGHT = (2.0, 10.0)
+    pos_weight: torch.Tensor
 
     def __init__(self, **kwargs: Any):
         super().__init__(block=BasicBlock, layers=(2, 2, 2, 2), **kwargs)
         stride8 = next(f for f in self.feature_info if f["reduction"] == 8)
         self.dense = nn.Conv2d(int(stride8["num_chs"]), 2, kernel_size=1)
         self._cells: torch.Tensor | None = None  # the latest training forward's dense logits (dense_loss)
+        # on the model's device from the start: no host-to-device copy per step on a GPU
+        self.register_buffer("pos_weight", torch.tensor(self.POS_WEIGHT).view(1, 2, 1, 1), persistent=False)
         self.default_cfg = self.pretrained_cfg = {"first_conv": "conv1", "classifier": "fc"}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -125,8 +128,7 @@ class DenseResNet18(ResNet):
             raise RuntimeError("dense_loss before a training forward pass")
         cells, self._cells = self._cells.float(), None
         target = F.adaptive_max_pool2d(masks.float(), cells.shape[-2:])
-        weight = torch.tensor(self.POS_WEIGHT, device=cells.device).view(1, 2, 1, 1)
-        return F.binary_cross_entropy_with_logits(cells, target, pos_weight=weight)
+        return F.binary_cross_entropy_with_logits(cells, target, pos_weight=self.pos_weight)
 
 
 def findings_log_probs(z: torch.Tensor) -> torch.Tensor:

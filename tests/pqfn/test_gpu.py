@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pqfn.config import TrialConfig
-from pqfn.data import Dataset
+from pqfn.data import Dataset, with_masks
 from pqfn.ensemble import load_members
 from pqfn.splits import split_test
 from pqfn.trial import CrossValidation, predict_logits, use_bf16
@@ -56,6 +56,27 @@ def test_a_training_epoch_never_waits_on_the_host(tiny_ds: Dataset) -> None:
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert bool(torch.isfinite(loss))
+
+
+def test_the_dense_model_trains_on_cuda_on_its_masks_without_waiting_on_the_host(tiny_ds: Dataset) -> None:
+    """resnet18_dense with trial.mask_loss: masks held on the GPU, augmented there with their images, the
+    dense loss in the same step; no host synchronisation in an epoch (the quickstart's model on a GPU)."""
+    ds = with_masks(tiny_ds)
+    pool = split_test(ds, 0.2, seed=0).pool
+    cfg = TrialConfig(**(TINY | {"device": "cuda", "model": "resnet18_dense", "mask_loss": 20.0}))
+    cv = CrossValidation(cfg, ds, pool)
+    assert cv.data.masks is not None and cv.data.masks.is_cuda
+    ln = cv.learners[0]
+    ln.train_epoch()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = ln.train_epoch()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert bool(torch.isfinite(loss))
+    rec = cv.run_epoch()
+    assert rec is not None and np.isfinite(rec["val/loss"])
 
 
 def test_resume_and_evaluation_on_cuda(tiny_ds: Dataset, tmp_path: Path) -> None:
