@@ -101,12 +101,16 @@ class DenseResNet18(ResNet):
     # Positive cells weigh more in the mask loss: a die-pad patch covers a few cells, a bond-pad patch about
     # a tenth of that (3 and 30 for the bond pad measured the same: README, "Quickstart", levers).
     POS_WEIGHT = (2.0, 10.0)
+    STRIDE8_CHANNELS = 128  # ResNet-18's layer2
     pos_weight: torch.Tensor
+    layer1: nn.Module
+    layer2: nn.Module
+    layer3: nn.Module
+    layer4: nn.Module
 
     def __init__(self, **kwargs: Any):
-        super().__init__(block=BasicBlock, layers=(2, 2, 2, 2), **kwargs)
-        stride8 = next(f for f in self.feature_info if f["reduction"] == 8)
-        self.dense = nn.Conv2d(int(stride8["num_chs"]), 2, kernel_size=1)
+        super().__init__(block=BasicBlock, layers=(2, 2, 2, 2), **kwargs)  # type: ignore[arg-type]  # timm's hint wants an instance
+        self.dense = nn.Conv2d(self.STRIDE8_CHANNELS, 2, kernel_size=1)
         self._cells: torch.Tensor | None = None  # the latest training forward's dense logits (dense_loss)
         # on the model's device from the start: no host-to-device copy per step on a GPU
         self.register_buffer("pos_weight", torch.tensor(self.POS_WEIGHT).view(1, 2, 1, 1), persistent=False)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ from pqfn.device import native_bf16
 from pqfn.ensemble import save_members
 from pqfn.errors import TrialError
 from pqfn.metrics import aggregate, aggregate_keys, class_metrics, versus_baseline, with_gaps
-from pqfn.model import build_model, check_mask_loss, check_model_name
+from pqfn.model import DenseResNet18, build_model, check_mask_loss, check_model_name
 from pqfn.records import TrialProgress
 from pqfn.splits import Fold, build_pool, describe_pool, repeated_folds
 
@@ -191,7 +191,7 @@ class Learner:
                 logits = self.model(x)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
                 if masks is not None:
-                    loss = loss + cfg.mask_loss * self.model.dense_loss(masks)
+                    loss = loss + cfg.mask_loss * cast(DenseResNet18, self.model).dense_loss(masks)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
