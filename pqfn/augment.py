@@ -27,8 +27,8 @@ def augment_with_masks(
     (which would make a GPU step wait for the host). Draws differ between CPU and CUDA for the same seed.
 
     masks: (B, C, H, W) float 0/1 planes (or None) that take the same rotation, mirror and turn as their image and
-    no photometric change; a rotated mask stays 0/1 (a pixel is marked when it was at least half covered). The
-    random draws are the same with and without masks.
+    no photometric change; a rotated mask stays 0/1 (a pixel is marked when any part of it is covered, so a
+    1-pixel patch survives). The random draws are the same with and without masks.
     """
     b = x.shape[0]
     u = torch.rand(b, 3, generator=gen, device=gen.device).to(x.dtype)
@@ -42,7 +42,8 @@ def augment_with_masks(
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
         if masks is not None:
-            masks = (F.grid_sample(masks, grid, mode="bilinear", padding_mode="zeros", align_corners=False) >= 0.5).to(masks.dtype)
+            # any coverage marks a pixel, as in every resize of a mask: a rotated 1-pixel patch is not lost
+            masks = (F.grid_sample(masks, grid, mode="bilinear", padding_mode="zeros", align_corners=False) > 1e-3).to(masks.dtype)
     if contrast > 0:
         factor = (1 - contrast + 2 * contrast * u[:, 1]).view(b, 1, 1, 1)
         mean = x.mean(dim=(1, 2, 3), keepdim=True)

@@ -107,12 +107,17 @@ def _load(a: argparse.Namespace) -> Any:
     return load_config(a.config, a.overrides)
 
 
-def _data(cfg: Any) -> tuple[Any, Any]:
+def _data(cfg: Any, *, trains: bool = True) -> tuple[Any, Any]:
+    """The decoded data set and its held-out split; with the masks only when `trains` and the config's trials
+    use them (scoring saved models needs none)."""
     from pqfn.config import uses_masks
     from pqfn.data import load_dataset
+    from pqfn.model import check_mask_loss
     from pqfn.splits import split_test
 
-    ds = load_dataset(cfg.data, masks=uses_masks(cfg))
+    if trains:  # the model's error before any mask is looked for
+        check_mask_loss(cfg.trial.model, cfg.trial.mask_loss)
+    ds = load_dataset(cfg.data, masks=trains and uses_masks(cfg))
     return ds, split_test(ds, cfg.data.test_fraction, cfg.data.split_seed)
 
 
@@ -235,7 +240,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     # A failed run leaves no folder behind (or the old one, with --overwrite): its corrected rerun is not refused.
     with replacing_folder(out):
         write_marker(out, "evaluate")
-        ds, holdout = _data(cfg)
+        ds, holdout = _data(cfg, trains=folder is None)
         atomic_write(out / "config.yaml", dump_config(cfg))
         if folder is not None:
             check_oof_fits(folder, oof[0], len(ds), holdout.pool)
@@ -323,7 +328,7 @@ def cmd_audit(a: argparse.Namespace) -> int:
     rows = read_trials_csv(run_dir / "trials.csv")
     sel_file = run_dir / "selection.json"
     selection = Selection.from_dict(read_json(sel_file, "selection.json")) if sel_file.exists() else select(rows, cfg.selection)
-    ds, holdout = _data(cfg)
+    ds, holdout = _data(cfg, trains=False)
     audit = audit_sweep(cfg, run_dir, rows, selection, ds, holdout)
     for line in lines(audit):
         print(line)

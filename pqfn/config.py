@@ -510,4 +510,5 @@ def dump_config(cfg: Config) -> str:
 
 def uses_masks(cfg: Config) -> bool:
     """Whether some trial of this configuration trains with the mask loss (so the data set's masks are decoded)."""
-    return cfg.trial.mask_loss > 0 or "trial.mask_loss" in cfg.search.space
+    return (cfg.trial.mask_loss > 0 or "trial.mask_loss" in cfg.search.space
+            or any("trial.mask_loss" in axis for axis in cfg.search.axes))

@@ -90,15 +90,30 @@ class Dataset:
         )
 
 
-def with_masks(ds: Dataset, why: str = "trial.mask_loss > 0") -> Dataset:
-    """`ds` with every image's ground-truth mask decoded once, at the images' size (read-only, shared like the
-    images). A missing or unreadable mask is one DataError naming the image and `why` masks are needed."""
+def with_masks(ds: Dataset, why: str = "trial.mask_loss > 0", manifest: Path | None = None) -> Dataset:
+    """`ds` with the ground-truth mask of every image that can train (not a separate test manifest's) decoded
+    once, at the images' size (read-only, shared like the images); a test manifest's rows get empty masks. Masks
+    are looked up in `manifest` (the configured one), else in the nearest manifest.csv above each image. A
+    missing or unreadable mask, or one that contradicts its image's label (a D scan with delaminated pixels, an
+    A or C scan without die-pad pixels, ...), is one DataError naming the image and `why` masks are needed."""
     if ds.masks is not None:
         return ds
+    rows = np.flatnonzero(~ds.is_test)
+    masks = np.zeros(ds.images.shape, np.uint8)
     try:
-        masks = load_masks(ds, ds.images.shape[-1])
+        masks[rows] = load_masks(ds.subset(rows), ds.images.shape[-1], manifest=manifest)
     except DataError as e:
         raise DataError(f"{why} needs a mask for every image: {e}") from None
+    die, bond = (masks[rows] == 1).any((1, 2)), (masks[rows] == 2).any((1, 2))
+    label = ds.labels[rows]
+    wrong = np.flatnonzero((die != np.isin(label, (0, 2))) | (bond != np.isin(label, (1, 2))))
+    if len(wrong):
+        i = rows[wrong[0]]
+        raise DataError(
+            f"{why}: the mask of {ds.files[i]} contradicts its label {CLASSES[ds.labels[i]]} "
+            f"(die-pad pixels: {'yes' if die[wrong[0]] else 'no'}, bond-pad pixels: {'yes' if bond[wrong[0]] else 'no'}; "
+            f"{len(wrong)} image(s) in all); expected A = die pad only, B = bond pad only, C = both, D = none"
+        )
     masks.setflags(write=False)
     return dataclasses.replace(ds, masks=masks)
 
@@ -248,7 +263,7 @@ def load_dataset(cfg: DataConfig, *, cache: bool = True, log: bool = True, masks
     """Read the configured source (generating the synthetic set on first use) and decode it once; with `masks`,
     every image's ground-truth mask too (trial.mask_loss: see pqfn.config.uses_masks)."""
     ds = _load_dataset(cfg, cache=cache, log=log)
-    return with_masks(ds) if masks else ds
+    return with_masks(ds, manifest=cfg.path if cfg.source == "manifest" else None) if masks else ds
 
 
 def _load_dataset(cfg: DataConfig, *, cache: bool, log: bool) -> Dataset:
@@ -411,8 +426,8 @@ def load_masks(files: Dataset | Sequence[str | Path], size: int, *, manifest: Pa
             missing.append(str(f))
             continue
         try:
-            with Image.open(mask_file) as im:
-                m = np.asarray(im.convert("L"), np.uint8)
+            with Image.open(mask_file) as im:  # a palette PNG's values are its indices (annotation tools write those)
+                m = np.asarray(im if im.mode == "P" else im.convert("L"), np.uint8)
         except (OSError, UnidentifiedImageError, ValueError) as e:
             raise DataError(f"{mask_file}: cannot read mask ({type(e).__name__})") from None
         for value in (1, 2):  # die pad first, so bond pad wins where both cover a pixel

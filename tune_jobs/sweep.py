@@ -63,6 +63,15 @@ def _comparable(cfg_dump: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in cfg_dump.items() if k != "output_dir"}
 
 
+def _with_defaults(saved: Any) -> Any:
+    """A saved config.yaml with the keys added since it was written at their defaults (what it ran with), so a
+    sweep folder from an earlier version still resumes; as saved when it does not validate."""
+    try:
+        return Config.model_validate(saved).model_dump(mode="json")
+    except (TypeError, ValueError):
+        return saved
+
+
 def prepare_folder(cfg: Config, *, resume: bool, overwrite: bool,
                    log: Callable[..., None] = print) -> tuple[Path, dict[str, Any], bool]:
     """Create or reopen runs/<name>. Returns (folder, state, resuming).
@@ -87,7 +96,7 @@ def prepare_folder(cfg: Config, *, resume: bool, overwrite: bool,
                 raise PqfnError(f"{state_file}: expected the sweep state a sweep writes (with study_name); "
                                 "use another name (name=...) or --overwrite to replace the folder")
             saved = read_yaml(sdir / "config.yaml", "sweep config")
-            if _comparable(saved) == _comparable(cfg.model_dump(mode="json")):
+            if _comparable(_with_defaults(saved)) == _comparable(cfg.model_dump(mode="json")):
                 return sdir, state, True
             if resume or any_trial_completed(sdir):
                 raise PqfnError(
@@ -144,6 +153,7 @@ def run_sweep(cfg: Config, *, address: str | None = None, resume: bool = False, 
     clock = PhaseClock()
     sdir, state, resuming = prepare_folder(cfg, resume=resume, overwrite=overwrite, log=log)
     # 1. load: decode every image once (generating the synthetic set on first use)
+    check_mask_loss(cfg.trial.model, cfg.trial.mask_loss)  # before any mask is looked for
     with clock("data"):
         data = load_dataset(cfg.data, masks=uses_masks(cfg))
     # 2. hold out whole packages before any search; check every configuration can run

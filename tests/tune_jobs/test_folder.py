@@ -74,3 +74,16 @@ def test_mask_loss_without_the_dense_model_fails_before_any_trial(tmp_path: Path
     with pytest.raises(PqfnError, match=r"trial.mask_loss=5.0 needs trial.model=resnet18_dense"):
         run_sweep(load_config(yaml, ["trial.mask_loss=5"]), log=lambda *a: None)
     assert not (tmp_path / "runs/masks/trials").exists() or not any((tmp_path / "runs/masks/trials").iterdir())
+
+
+def test_a_sweep_folder_from_before_a_new_key_still_resumes(tmp_path: Path, tiny_data_cfg: DataConfig) -> None:
+    yaml = sweep_yaml(tmp_path, tiny_data_cfg, "old", (
+        "search:\n  type: grid\n  space: {trial.resolution: {choice: [32]}}\nwandb: {mode: disabled}\n"))
+    sdir, _, resuming = prepare_folder(load_config(yaml), resume=False, overwrite=False, log=lambda *a: None)
+    assert not resuming
+    # config.yaml as an earlier version wrote it: without trial.mask_loss (its default, 0, is what it ran with)
+    text = (sdir / "config.yaml").read_text()
+    assert "mask_loss: 0.0\n" in text
+    (sdir / "config.yaml").write_text(text.replace("  mask_loss: 0.0\n", ""))
+    folder, _, resuming = prepare_folder(load_config(yaml), resume=True, overwrite=False, log=lambda *a: None)
+    assert folder == sdir and resuming
