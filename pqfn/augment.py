@@ -67,4 +67,3 @@ def _turn(x: torch.Tensor, turns: torch.Tensor, mirror: torch.Tensor) -> torch.T
         y = torch.where(turns == q, torch.rot90(x, q, dims=(2, 3)), y)
     fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
     return torch.where(mirror, y.flip(3), y).contiguous(memory_format=fmt)
-

@@ -182,14 +182,13 @@ class Learner:
             if len(rows) < 2:
                 break  # BatchNorm cannot train on a batch of one
             x = _to_input(self.data.images[rows], self.channels_last)
-            masks = self.data.masks[rows].float() if cfg.mask_loss > 0 and self.data.masks is not None else None
+            masks = None if self.data.masks is None else self.data.masks[rows].float()  # held only for mask_loss > 0
             a = cfg.augment
-            y = self.data.labels[rows]
             x, masks = augment_with_masks(x, masks, self.dev_gen, a.rotation_deg, a.contrast, a.hflip, a.gain, a.dihedral)
             x = (x - MEAN) / STD
             with self._autocast():
                 logits = self.model(x)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+                loss = F.cross_entropy(logits.float(), self.data.labels[rows], label_smoothing=cfg.label_smoothing)
                 if masks is not None:
                     loss = loss + cfg.mask_loss * cast(DenseResNet18, self.model).dense_loss(masks)
             self.opt.zero_grad(set_to_none=True)

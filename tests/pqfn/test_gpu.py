@@ -47,8 +47,14 @@ def test_a_training_epoch_never_waits_on_the_host(tiny_ds: Dataset) -> None:
     without a host synchronisation: any one (.item(), .cpu(), a blocking host-to-device copy) raises here."""
     pool = split_test(tiny_ds, 0.2, seed=0).pool
     cv = CrossValidation(TrialConfig(**(TINY | {"device": "cuda"})), tiny_ds, pool)
+    _epoch_without_host_sync(cv)
+
+
+def _epoch_without_host_sync(cv: CrossValidation) -> None:
+    """Fold 1 trains one epoch (after a warm-up epoch: cuDNN plans, the allocator's first blocks) with any host
+    synchronisation raising."""
     ln = cv.learners[0]
-    ln.train_epoch()  # warm-up: cuDNN plans, the allocator's first blocks
+    ln.train_epoch()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -66,15 +72,7 @@ def test_the_dense_model_trains_on_cuda_on_its_masks_without_waiting_on_the_host
     cfg = TrialConfig(**(TINY | {"device": "cuda", "model": "resnet18_dense", "mask_loss": 20.0}))
     cv = CrossValidation(cfg, ds, pool)
     assert cv.data.masks is not None and cv.data.masks.is_cuda
-    ln = cv.learners[0]
-    ln.train_epoch()
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        loss = ln.train_epoch()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    assert bool(torch.isfinite(loss))
+    _epoch_without_host_sync(cv)
     rec = cv.run_epoch()
     assert rec is not None and np.isfinite(rec["val/loss"])
 
