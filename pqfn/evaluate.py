@@ -153,6 +153,13 @@ def verdict(m: dict[str, Any]) -> str:
 
 
 BASELINE_NAMES = {"intensity": "intensity statistics", "metadata": "metadata (metallization, cycles)"}
+
+
+def describe_baseline(name: str, size: int | None = None) -> str:
+    """'intensity statistics at 96 px': the baseline's name in words, with its analysis size when it has one."""
+    return BASELINE_NAMES.get(name, name) + (f" at {size} px" if size else "")
+
+
 _INTERVAL_NAMES = {"acc": "accuracy", "bal_acc": "balanced_accuracy", "f1": "macro_f1"}
 
 
@@ -171,7 +178,7 @@ def cheap_baselines(cfg: TrialConfig, ev: EvaluateConfig, ds: Dataset, holdout: 
     held-out packages, prior-corrected by the CNN's rule on its own out-of-fold predictions (the trial's folds)."""
     folds = make_folds(ds, entries, cfg.folds, cfg.seed)
     out: dict[str, dict[str, Any]] = {}
-    for b in make_baselines(ds, np.concatenate([entries, holdout.test])):
+    for b in make_baselines(ds, np.concatenate([entries, holdout.test]), folds):
         oof_idx, oof_lp = out_of_fold(b, ds.labels, folds)
         if ev.prior_strength == "auto":
             strength, _ = choose_strength(ds.labels[oof_idx], oof_lp, priors, ds.package_ids[oof_idx])
@@ -181,6 +188,7 @@ def cheap_baselines(cfg: TrialConfig, ev: EvaluateConfig, ds: Dataset, holdout: 
         out[b.name] = {
             "pred": adjust(raw, priors, strength).argmax(1), "raw_pred": raw.argmax(1), "prior_strength": strength,
             "cv_balanced_accuracy": float(balanced_accuracy_score(ds.labels[oof_idx], oof_lp.argmax(1))),
+            "analysis_size": b.size,
         }
     return out
 
@@ -232,10 +240,10 @@ def compare_with_baselines(y: np.ndarray, pred: np.ndarray, groups: np.ndarray, 
     for name, c in cheap.items():
         iv = bootstrap.classification_intervals(y, c["pred"], groups, k)
         res["cheap_baselines"][name] = {
-            "description": BASELINE_NAMES.get(name, name), "accuracy": iv["acc"].value,
+            "description": describe_baseline(name, c.get("analysis_size")), "accuracy": iv["acc"].value,
             "balanced_accuracy": iv["bal_acc"].value, "macro_f1": iv["f1"].value,
             "intervals": named_intervals(iv), "prior_strength": c["prior_strength"],
-            "cv_balanced_accuracy": c["cv_balanced_accuracy"],
+            "cv_balanced_accuracy": c["cv_balanced_accuracy"], "analysis_size": c.get("analysis_size"),
         }
     if not cheap:
         res["findings"] = finding_rates(y, pred, None, groups)
@@ -246,7 +254,7 @@ def compare_with_baselines(y: np.ndarray, pred: np.ndarray, groups: np.ndarray, 
     calls = {m: bootstrap.verdict(diff[m]) for m in ("bal_acc", "f1")}
     outcome = "loses" if "loses" in calls.values() else "beats" if set(calls.values()) == {"beats"} else "tied"
     res["versus_baseline"] = {
-        "baseline": best, "description": BASELINE_NAMES.get(best, best),
+        "baseline": best, "description": describe_baseline(best, cheap[best].get("analysis_size")),
         "chosen_by": "the best cross-validated balanced accuracy on the pool (the trial's folds)",
         "difference": named_intervals(diff), "outcome": outcome,
         "level": bootstrap.LEVEL, "resamples": bootstrap.N_BOOT,

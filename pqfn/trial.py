@@ -267,7 +267,7 @@ class CrossValidation:
         check_trial(cfg, self.folds)
         self.data = TrialImages(ds, self.entries, cfg.resolution, self.device, masks=cfg.mask_loss > 0)
         # The cheap baselines on the same folds (well under a second): their figures join every record.
-        self.baseline_folds = fold_records(ds, self.folds, make_baselines(ds, self.entries))
+        self.baseline_folds = fold_records(ds, self.folds, make_baselines(ds, self.entries, self.folds))
         self.learners = [
             Learner(cfg, self.data, self.data.rows(f.train), cfg.seed * 1000 + k, self.device)
             for k, f in enumerate(self.folds, start=1)

@@ -11,7 +11,7 @@ from pqfn.config import CLASSES, EvaluateConfig, TrialConfig
 from pqfn.data import Dataset
 from pqfn.ensemble import load_members
 from pqfn.evaluate import cheap_verdict, compare_with_baselines, evaluate_holdout
-from pqfn.splits import split_test
+from pqfn.splits import make_folds, split_test
 from pqfn.trial import CrossValidation
 
 
@@ -54,6 +54,35 @@ def test_baseline_in_cv_sees_exactly_the_trials_training_images(tiny_ds: Dataset
             np.mean([rec[f"fold{k}/baseline/{name}/val/bal_acc"] for k in (1, 2)]))
     best = max(("intensity", "metadata"), key=lambda n: rec[f"baseline/{n}/val/bal_acc"])
     assert rec["vs_baseline/val/bal_acc"] == pytest.approx(rec["val/bal_acc"] - rec[f"baseline/{best}/val/bal_acc"])
+
+
+def test_intensity_size_is_chosen_on_the_training_folds_only(tiny_ds: Dataset,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two candidate sizes (the tiny scans are 48 px): each is scored out of fold, fitted on training folds only.
+    monkeypatch.setattr(bl, "ANALYSIS_SIZES", (16, 48))
+    seen: list[np.ndarray] = []
+    fit = bl.Baseline.fit
+
+    def spy(self: bl.Baseline, rows: np.ndarray, labels: np.ndarray):  # type: ignore[no-untyped-def]
+        seen.append(np.array(rows))
+        return fit(self, rows, labels)
+
+    monkeypatch.setattr(bl.Baseline, "fit", spy)
+    ho = split_test(tiny_ds, 0.2, seed=0)
+    folds = make_folds(tiny_ds, ho.pool, 2, seed=0)
+    chosen = bl.make_baselines(tiny_ds, ho.pool, folds)[0]
+    assert len(seen) == 2 * len(folds)  # each candidate, each fold
+    for rows in seen:
+        assert any(np.array_equal(rows, f.train) for f in folds)
+        assert not set(rows) & set(ho.test)
+    monkeypatch.setattr(bl.Baseline, "fit", fit)
+    scores = {s: bl._cv_score(bl.Baseline("intensity", bl._intensity_at(tiny_ds, ho.pool, s), s), tiny_ds.labels, folds)
+              for s in (16, 48)}
+    assert chosen.name == "intensity" and chosen.size == max(scores, key=lambda s: (scores[s], -s))
+    # at 16 px the statistics differ from those at the decoded 48 px: the size is really applied
+    assert not np.allclose(bl._intensity_at(tiny_ds, ho.pool, 16)[ho.pool], bl._intensity_at(tiny_ds, ho.pool, 48)[ho.pool])
+    # without folds there is nothing to choose on: the largest candidate
+    assert bl.make_baselines(tiny_ds, ho.pool)[0].size == 48
 
 
 def _packages(n_pkg: int, per_pkg: int) -> np.ndarray:
