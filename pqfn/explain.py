@@ -26,9 +26,15 @@ from torch import nn
 from pqfn.bundle import Preprocessing
 from pqfn.config import CLASSES
 from pqfn.data import Dataset
+from pqfn.model import DenseResNet18
 
 # Grad-CAM's stage: the deepest with stride <= MAX_STRIDE that keeps >= MIN_CELLS cells across (target_layers)
 MAX_STRIDE, MIN_CELLS = 4, 4
+
+
+def _members(model: nn.Module) -> list[nn.Module]:
+    group = getattr(model, "members", None)  # a FoldEnsemble's members
+    return list(group) if isinstance(group, nn.ModuleList) else [model]
 
 
 def target_layers(model: nn.Module, resolution: int, max_stride: int = MAX_STRIDE,
@@ -44,8 +50,7 @@ def target_layers(model: nn.Module, resolution: int, max_stride: int = MAX_STRID
     (README, "Use the model", has the per-class figures: die-pad patches are found at stride 4, the
     C class's evidence at stride 16).
     """
-    group = getattr(model, "members", None)  # a FoldEnsemble's members
-    members = list(group) if isinstance(group, nn.ModuleList) else [model]
+    members = _members(model)
     layers = []
     for m in members:
         info = getattr(m, "feature_info", None)
@@ -92,6 +97,59 @@ def gradcam(model: nn.Module, images: torch.Tensor | np.ndarray, target_classes:
     if len(x_all) and not cells:
         raise RuntimeError("grad-cam recorded no activations of the target layer")
     shift = cell_offset(x_all.shape[-1], cells[0]) if cells else 0.0
+    if shift:
+        out = np.stack([ndimage.shift(h, (-shift, -shift), order=1, mode="nearest") for h in out]).clip(0, 1)
+    return out
+
+
+def has_dense_head(model: nn.Module) -> bool:
+    """Whether every member of `model` has pqfn.model's dense delamination head (trial.model resnet18_dense)."""
+    return all(isinstance(m, DenseResNet18) for m in _members(model))
+
+
+# The dense head's channels (die pad, bond pad) that speak for each class: A the die pad, B the bond pad,
+# C and D either (D: where the model sees delamination most, had there been any).
+DENSE_CHANNELS = {"A": (0,), "B": (1,), "C": (0, 1), "D": (0, 1)}
+
+
+def dense_maps(model: nn.Module, images: torch.Tensor | np.ndarray, target_classes: Sequence[int] | np.ndarray, *,
+               batch_size: int = 32, device: torch.device | str | None = None) -> np.ndarray:
+    """The dense head's own map (resnet18_dense): per cell, the probability that the target class's finding
+    (DENSE_CHANNELS) is delaminated there, the maximum over its channels, averaged over a FoldEnsemble's
+    members, upsampled to the input and aligned as gradcam's maps are (cell_offset): a cell is trained on the
+    mask of the window centred on where it looks (pqfn.model.DenseResNet18.dense_loss).
+
+    Unlike Grad-CAM, which shows where the evidence for a class lies, this map is trained (trial.mask_loss > 0)
+    to be the delamination itself. images (N, 1, r, r) uint8 at the model's resolution -> (N, r, r) float32 in
+    [0, 1]. Raises ValueError for a model without a dense head (has_dense_head)."""
+    import torch.nn.functional as F
+
+    if not has_dense_head(model):
+        raise ValueError(f"{type(model).__name__} has no dense delamination head (trial.model resnet18_dense)")
+    x_all = torch.as_tensor(images)
+    classes = [int(c) for c in np.asarray(target_classes).reshape(-1)]
+    if x_all.ndim != 4 or x_all.shape[1] != 1 or len(classes) != len(x_all):
+        raise ValueError(f"expected images (N, 1, r, r) and N target classes, got {tuple(x_all.shape)} and {len(classes)}")
+    if device is not None:
+        model = model.to(device)
+    model = model.float().eval()
+    members = [m for m in _members(model) if isinstance(m, DenseResNet18)]
+    dev = next(model.parameters()).device
+    r = x_all.shape[-1]
+    out = np.zeros((len(x_all), x_all.shape[-2], r), np.float32)
+    pick = torch.zeros(len(classes), 2, dtype=torch.bool)
+    for i, c in enumerate(classes):
+        pick[i, list(DENSE_CHANNELS[CLASSES[c]])] = True
+    cells = 0
+    with torch.no_grad():
+        for s in range(0, len(x_all), batch_size):
+            x = Preprocessing.normalise(x_all[s : s + batch_size].to(dev))
+            prob = torch.stack([torch.sigmoid(m.cell_logits(x).float()) for m in members]).mean(0)  # (B, 2, h, w)
+            cells = prob.shape[-1]
+            chosen = prob.masked_fill(~pick[s : s + len(x), :, None, None].to(prob.device), 0.0).amax(1, keepdim=True)
+            out[s : s + len(x)] = F.interpolate(chosen, size=(x_all.shape[-2], r), mode="bilinear",
+                                                align_corners=False)[:, 0].cpu().numpy()
+    shift = cell_offset(r, cells) if cells else 0.0
     if shift:
         out = np.stack([ndimage.shift(h, (-shift, -shift), order=1, mode="nearest") for h in out]).clip(0, 1)
     return out
@@ -196,7 +254,8 @@ def localisation_report(model: nn.Module, ds: Dataset, rows: np.ndarray, train_r
     """Grad-CAM's localisation score on ds[rows] (holdout_localisation's dict) and, beside it, both cheap
     localisation baselines on the same scans (brightest pixel of the lightly blurred scan; the mean training mask
     of the scan's class, from `train_rows`), each hit rate with a package-bootstrap interval, and Grad-CAM minus
-    each baseline paired by package. Raises DataError without masks."""
+    each baseline paired by package; for a model with a dense head (resnet18_dense) its own map the same way
+    ("dense_map", "dense_map_minus"). Raises DataError without masks."""
     import contextlib
 
     from pqfn import bootstrap
@@ -212,6 +271,10 @@ def localisation_report(model: nn.Module, ds: Dataset, rows: np.ndarray, train_r
     with contextlib.suppress(DataError):  # the training scans' masks (a data set may have them for test packages only)
         maps["fixed_location"] = fixed_location_maps(load_masks(ds.subset(train), resolution), ds.labels[train], labels)
     hits = {"gradcam": peak_hits(heat, masks)} | {name: peak_hits(m, masks) for name, m in maps.items()}
+    models = ["gradcam"]
+    if has_dense_head(model):  # the dense head's own map, scored the same way (of the TRUE class, as Grad-CAM)
+        hits["dense_map"] = peak_hits(dense_maps(model, x, labels, batch_size=batch_size, device=device), masks)
+        models.append("dense_map")
     keep = (masks.reshape(len(masks), -1) > 0).any(1)  # a mask that vanished at this resolution is not scored
     groups = ds.package_ids[rows]
     d = CLASSES.index("D")
@@ -220,11 +283,12 @@ def localisation_report(model: nn.Module, ds: Dataset, rows: np.ndarray, train_r
     for name, h in hits.items():
         out[name] = {c: {"n": int(sel.sum())} | bootstrap.rate_interval(h[sel], groups[sel]).to_dict()
                      for c, sel in sets.items()}
-    out["gradcam_minus"] = {}
-    for name in maps:
-        diff = {c: bootstrap.paired_rate_difference(hits["gradcam"][sel], hits[name][sel], groups[sel])
-                for c, sel in sets.items()}
-        out["gradcam_minus"][name] = {c: v.to_dict() | {"outcome": bootstrap.verdict(v)} for c, v in diff.items()}
+    for who in models:  # gradcam_minus, dense_map_minus: each map minus each baseline, paired by package
+        out[f"{who}_minus"] = {}
+        for name in maps:
+            diff = {c: bootstrap.paired_rate_difference(hits[who][sel], hits[name][sel], groups[sel])
+                    for c, sel in sets.items()}
+            out[f"{who}_minus"][name] = {c: v.to_dict() | {"outcome": bootstrap.verdict(v)} for c, v in diff.items()}
     return score, out
 
 

@@ -116,9 +116,15 @@ class DenseResNet18(ResNet):
         self.register_buffer("pos_weight", torch.tensor(self.POS_WEIGHT).view(1, 2, 1, 1), persistent=False)
         self.default_cfg = self.pretrained_cfg = {"first_conv": "conv1", "classifier": "fc"}
 
+    def _stride8(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer2(self.layer1(self.maxpool(self.act1(self.bn1(self.conv1(x))))))
+
+    def cell_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 2, h, w) the dense head's logits per cell (die pad, bond pad delaminated there), nothing else run."""
+        return self.dense(self._stride8(x))  # type: ignore[no-any-return]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
-        f8 = self.layer2(self.layer1(x))
+        f8 = self._stride8(x)
         logits = self.forward_head(self.layer4(self.layer3(f8)))
         cells = self.dense(f8)  # (B, 2, h, w): die pad, bond pad
         if self.training:
@@ -127,12 +133,25 @@ class DenseResNet18(ResNet):
 
     def dense_loss(self, masks: torch.Tensor) -> torch.Tensor:
         """masks (B, 2, r, r) float 0/1 (die pad, bond pad) of the batch just seen in training -> the mean
-        class-weighted binary cross-entropy of the cells (a cell is positive when any of its pixels is)."""
+        class-weighted binary cross-entropy of the cells (a cell is positive when any pixel of its window, centred
+        on where the cell looks, is)."""
         if self._cells is None:
             raise RuntimeError("dense_loss before a training forward pass")
         cells, self._cells = self._cells.float(), None
-        target = F.adaptive_max_pool2d(masks.float(), cells.shape[-2:])
+        target = F.adaptive_max_pool2d(centred(masks.float(), cells.shape[-1]), cells.shape[-2:])
         return F.binary_cross_entropy_with_logits(cells, target, pos_weight=self.pos_weight)
+
+
+def centred(masks: torch.Tensor, cells: int) -> torch.Tensor:
+    """masks (B, C, r, r) moved down and right by half a cell, so that pooling cell i's window (pixels
+    stride x i to stride x (i + 1)) covers the pixels centred on stride x i, where a cell of a ResNet whose
+    strided layers pad "same" looks (pqfn.explain.cell_offset): each cell learns the delamination under its
+    own receptive field's centre, not half a cell down and right of it."""
+    r = masks.shape[-1]
+    half = int(round(r / cells / 2))
+    if half == 0:
+        return masks
+    return F.pad(masks, (half, 0, half, 0))[..., :r, :r]
 
 
 def findings_log_probs(z: torch.Tensor) -> torch.Tensor:

@@ -343,11 +343,11 @@ def baseline_lines(ev: dict[str, Any]) -> list[str]:
                      f"{_iv(f['cnn']['specificity'])}){base}")
     lb = ev.get("localisation_baselines")
     if lb:
-        parts = [f"{label} {_iv(lb[k]['all'])}" for k, label in
-                 (("gradcam", "Grad-CAM"), ("brightest_pixel", "brightest pixel"), ("fixed_location", "fixed location"))
-                 if k in lb]
-        calls = "; ".join(f"Grad-CAM {v['all']['outcome']} {k.replace('_', ' ')} ({_iv(v['all'], True)})"
-                          for k, v in lb["gradcam_minus"].items())
+        maps = (("gradcam", "Grad-CAM"), ("dense_map", "dense map"), ("brightest_pixel", "brightest pixel"),
+                ("fixed_location", "fixed location"))
+        parts = [f"{label} {_iv(lb[k]['all'])}" for k, label in maps if k in lb]
+        calls = "; ".join(f"{label} {v['all']['outcome']} {k.replace('_', ' ')} ({_iv(v['all'], True)})"
+                          for who, label in maps[:2] for k, v in lb.get(f"{who}_minus", {}).items())
         lines.append(f"  localisation (peak on the true delamination, {lb['gradcam']['all']['n']} delaminated scans): "
                      + ", ".join(parts) + f"; {calls}")
     return lines

@@ -261,7 +261,7 @@ def summary_run(cfg: Config, sdir: Path, rows: list[TrialOutcome], result: Sweep
                 run.summary[f"heldout/findings/{finding}/{who}/accuracy"] = f[who]["accuracy"]["value"]
         lb = ev.get("localisation_baselines")
         if lb:
-            for name in [n for n in ("gradcam", "brightest_pixel", "fixed_location") if n in lb]:
+            for name in [n for n in ("gradcam", "dense_map", "brightest_pixel", "fixed_location") if n in lb]:
                 iv_rows += [[f"localisation {name}", f"peak_hit_{c}", v["value"], v["lo"], v["hi"]] for c, v in lb[name].items()]
         if iv_rows:
             run.log({"heldout/intervals": wandb.Table(columns=["model", "metric", "value", "lo", "hi"], data=iv_rows)})

@@ -17,7 +17,7 @@ from pqfn.augment import augment_with_masks
 from pqfn.config import DataConfig, SynthConfig, TrialConfig, uses_masks, validate
 from pqfn.data import Dataset, load_dataset, with_masks
 from pqfn.errors import DataError, TrialError
-from pqfn.model import DENSE_MODEL, DenseResNet18, build_model, findings_log_probs
+from pqfn.model import DENSE_MODEL, DenseResNet18, build_model, centred, findings_log_probs
 from pqfn.splits import split_test
 from pqfn.synth import generate
 from pqfn.trial import CrossValidation
@@ -52,11 +52,11 @@ def test_dense_loss_falls_where_the_mask_is_learned() -> None:
     m.train()
     x = torch.zeros(4, 1, 32, 32)
     masks = torch.zeros(4, 2, 32, 32)
-    x[:2, :, 4:10, 4:10] = 3.0  # a bright patch where the bond-pad plane is marked
-    masks[:2, 1, 4:10, 4:10] = 1.0
+    x[:2, :, 5:11, 5:11] = 3.0  # a bright patch where the bond-pad plane is marked (centred on cell 1, 1)
+    masks[:2, 1, 5:11, 5:11] = 1.0
     opt = torch.optim.Adam(m.parameters(), lr=1e-3)
     losses = []
-    for _ in range(15):
+    for _ in range(25):
         m(x)
         loss = m.dense_loss(masks)
         opt.zero_grad()
@@ -166,3 +166,52 @@ def test_a_mask_that_contradicts_its_label_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"contradicts its label A \(die-pad pixels: no, bond-pad pixels: no; 1 image"):
         load_dataset(cfg, log=False, masks=True)
     assert {f: f.read_bytes() for f in before} == before  # nothing of the user's was touched
+
+
+def test_a_cell_learns_the_window_centred_where_it_looks() -> None:
+    # stride 8 at 32 px: cell i looks at pixel 8i (pqfn.explain.cell_offset), so its target window is 8i-4 .. 8i+3
+    masks = torch.zeros(1, 2, 32, 32)
+    masks[0, 1, 12, 19] = 1.0  # row 12 is in cell 2's window (12..19) after centring, column 19 in cell 2's too
+    target = torch.nn.functional.adaptive_max_pool2d(centred(masks, 4), 4)
+    assert target[0, 1].nonzero().tolist() == [[2, 2]]
+    masks[0, 1, 12, 19], masks[0, 1, 11, 20] = 0.0, 1.0  # one pixel up and right: cell (1, 3)
+    assert torch.nn.functional.adaptive_max_pool2d(centred(masks, 4), 4)[0, 1].nonzero().tolist() == [[1, 3]]
+    assert centred(masks, 32) is masks  # stride 1: nothing to centre
+
+
+def test_the_dense_map_shows_each_classs_own_finding() -> None:
+    from pqfn.ensemble import FoldEnsemble
+    from pqfn.explain import dense_maps, has_dense_head
+
+    members = [build_model(DENSE_MODEL) for _ in range(2)]
+    for m, (die, bond) in zip(members, [(1.0, -1.0), (3.0, -3.0)], strict=True):
+        with torch.no_grad():  # constant cells: a logit per channel, the same everywhere
+            m.dense.weight.zero_()
+            m.dense.bias.copy_(torch.tensor([die, bond]))
+    ens = FoldEnsemble(members)
+    assert has_dense_head(ens) and not has_dense_head(build_model("resnet18"))
+    x = torch.randint(0, 256, (4, 1, 32, 32), dtype=torch.uint8)
+    maps = dense_maps(ens, x, [0, 1, 2, 3])  # A, B, C, D
+    assert maps.shape == (4, 32, 32)
+    sig = torch.sigmoid(torch.tensor([1.0, 3.0, -1.0, -3.0])).tolist()
+    die, bond = (sig[0] + sig[1]) / 2, (sig[2] + sig[3]) / 2  # each channel averaged over the members
+    np.testing.assert_allclose(maps[:, 16, 16], [die, bond, die, die], rtol=1e-5)  # C and D: the larger channel
+    with pytest.raises(ValueError, match="no dense delamination head"):
+        dense_maps(build_model("resnet18"), x, [0, 1, 2, 3])
+
+
+def test_the_dense_map_is_scored_beside_gradcam(tiny_ds: Dataset) -> None:
+    from pqfn.explain import localisation_report
+
+    ds = with_masks(tiny_ds)
+    ho = split_test(ds, 0.2, seed=0)
+    cv = CrossValidation(TrialConfig(**TINY), ds, ho.pool)
+    cv.fit()
+    model = cv.learners[0].model
+    _, out = localisation_report(model, ds, ho.test, cv.entries, 32)
+    n = out["gradcam"]["all"]["n"]
+    assert n > 0 and out["dense_map"]["all"]["n"] == n and 0 <= out["dense_map"]["all"]["value"] <= 1
+    assert set(out["dense_map_minus"]) == set(out["gradcam_minus"]) == {"brightest_pixel", "fixed_location"}
+    assert out["dense_map_minus"]["brightest_pixel"]["all"]["outcome"] in {"beats", "tied", "loses"}
+    _, plain = localisation_report(build_model("resnet18"), ds, ho.test, cv.entries, 32)
+    assert "dense_map" not in plain and "dense_map_minus" not in plain

@@ -101,3 +101,21 @@ def test_cli_predict_writes_tables_and_overlays(tmp_path: Path, bundle: Path, ca
     assert main(args) == 2 and "already exists" in capsys.readouterr().err
     assert main(["predict", str(bundle), str(tmp_path / "nowhere")]) == 2
     assert "no such file or folder" in capsys.readouterr().err
+
+
+def test_explain_shows_a_dense_models_own_map(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pqfn.explain as ex
+
+    dense = make_bundle(tmp_path / "dense", members=2, model_name="resnet18_dense")
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (48, 48), np.uint8)).save(scans / "P0_c0.png")
+    titles: list[str] = []
+    monkeypatch.setattr(ex, "gradcam", lambda *a, **k: pytest.fail("Grad-CAM used for a dense-head model"))
+    real_overlay = ex.save_overlay
+    monkeypatch.setattr(ex, "save_overlay", lambda path, image, heat, title: (titles.append(title),
+                                                                             real_overlay(path, image, heat, title)))
+    before = (scans / "P0_c0.png").read_bytes()
+    predict(dense, [scans], explain_dir=tmp_path / "maps")
+    assert (tmp_path / "maps" / "P0_c0.png").is_file() and titles and titles[0].endswith("dense-head map")
+    assert (scans / "P0_c0.png").read_bytes() == before
