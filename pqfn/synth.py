@@ -219,7 +219,8 @@ def _simulate_package(args: tuple[SynthConfig, str, str, int, str]) -> list[Scan
             truth[die_delam] = MASK_DIE_PAD
         if bond_on:
             truth[bond_delam] = MASK_BOND_PAD  # leads and die pad never overlap
-        truth = ndimage.affine_transform(truth, rot, offset=offset, order=0, mode="constant", cval=MASK_NONE)
+        if die_on or bond_on:  # an empty mask stays empty under any transform
+            truth = ndimage.affine_transform(truth, rot, offset=offset, order=0, mode="constant", cval=MASK_NONE)
         # Transducer blur, mold filler speckle, gain and contrast, scan-line noise.
         speckle = ndimage.gaussian_filter(srng.standard_normal((size, size)).astype(np.float32), 0.7 * s)
         img = ndimage.gaussian_filter(scene, 1.4 * s) + noise * 1.8 * speckle

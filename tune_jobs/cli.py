@@ -9,12 +9,14 @@ from typing import Any
 
 from pqfn import cli as pqfn_cli
 from pqfn.errors import PqfnError
-from tune_jobs import cluster
-from tune_jobs.submit import submit
-from tune_jobs.sweep import main as sweep_main
+
+# The Ray modules are imported by the commands that need them: `pqfn synth`, `pqfn predict` and the other
+# pqfn.cli commands start without Ray, torch and timm (about 6 s of imports on a 2-core machine).
 
 
 def cmd_sweep(a: argparse.Namespace) -> int:
+    from tune_jobs.sweep import main as sweep_main
+
     argv = [a.config, *a.overrides]
     if a.address:
         argv += ["--address", a.address]
@@ -26,10 +28,14 @@ def cmd_sweep(a: argparse.Namespace) -> int:
 
 
 def cmd_submit(a: argparse.Namespace) -> int:
+    from tune_jobs.submit import submit
+
     return submit(Path(a.config), a.overrides, a.address, follow=a.follow, python=a.python)
 
 
 def cmd_cluster(a: argparse.Namespace) -> int:
+    from tune_jobs import cluster
+
     folder = Path(a.dir)
     if a.action == "up":
         st = cluster.up(folder, workers=a.workers, cpus_per_node=a.cpus_per_node, gpus_per_node=a.gpus_per_node,
