@@ -37,7 +37,7 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from pqfn.config import CLASSES
-from pqfn.data import Dataset
+from pqfn.data import Dataset, resize_uint8
 from pqfn.metrics import class_metrics
 from pqfn.splits import Fold
 
@@ -110,8 +110,6 @@ class Baseline:
 
 def _intensity_at(ds: Dataset, rows: np.ndarray, size: int) -> np.ndarray:
     """(N, F) intensity statistics of ds rows at `size` px (antialiased, as the CNN's resize); other rows zero."""
-    from pqfn.trial import resize_uint8  # pqfn.trial imports this module
-
     feats = np.zeros((len(ds), 3 * FEATURES_PER_REGION), np.float32)
     for i in range(0, len(rows), 64):  # in chunks: float copies of 840 scans at 400 px would take gigabytes
         chunk = ds.images[rows[i : i + 64]]

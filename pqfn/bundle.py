@@ -34,10 +34,10 @@ import torch
 from torch import nn
 
 from pqfn.config import CLASSES, TrialConfig
-from pqfn.data import Dataset
+from pqfn.data import Dataset, resize_uint8
 from pqfn.errors import ConfigError, PqfnError, TrialError
 from pqfn.io import read_json, read_safetensors
-from pqfn.trial import MEAN, STD, resize_uint8
+from pqfn.trial import MEAN, STD
 
 FORMAT = "pqfn-bundle"
 FORMAT_VERSION = 1  # bump when a reader of the old layout would misread the new one

@@ -17,6 +17,7 @@ import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -24,6 +25,9 @@ from PIL import Image, UnidentifiedImageError
 from pqfn.config import CLASSES, DataConfig
 from pqfn.errors import DataError
 from pqfn.io import check_output_paths, read_csv
+
+if TYPE_CHECKING:
+    import torch
 
 # Files with other suffixes in class folders (notes, .DS_Store, exports) are not scans: skipped silently.
 IMAGE_SUFFIXES = {".png", ".bmp", ".tif", ".tiff", ".jpg", ".jpeg"}
@@ -233,6 +237,18 @@ def decode_image(file: Path, size: int) -> np.ndarray:
         if im.size != (size, size):
             im = im.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
         return np.asarray(im, dtype=np.uint8)
+
+
+def resize_uint8(images: torch.Tensor, resolution: int) -> torch.Tensor:
+    """(N, H, W) uint8 -> (N, 1, r, r) uint8: the one resize of training, evaluation, `pqfn predict` and the
+    cheap baselines' analysis size (antialiased bilinear; torch is imported here, not by every data user)."""
+    import torch
+    import torch.nn.functional as F
+
+    x = images.unsqueeze(1).float()
+    if x.shape[-1] != resolution or x.shape[-2] != resolution:
+        x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
+    return x.round_().clamp_(0, 255).to(torch.uint8)
 
 
 def _cache_key(rows: list[_Row], cfg: DataConfig) -> str:

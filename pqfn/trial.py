@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from pqfn.augment import augment_with_masks
 from pqfn.baselines import fold_records, make_baselines
 from pqfn.config import TrialConfig
-from pqfn.data import Dataset
+from pqfn.data import Dataset, resize_uint8
 from pqfn.device import native_bf16
 from pqfn.ensemble import save_members
 from pqfn.errors import TrialError
@@ -57,14 +57,6 @@ def use_channels_last(cfg: TrialConfig, device: torch.device) -> bool:
 
 # The input normalisation every pqfn model trains with: x = (pixel / 255 - MEAN) / STD (bundles record it).
 MEAN, STD = 0.5, 0.25
-
-
-def resize_uint8(images: torch.Tensor, resolution: int) -> torch.Tensor:
-    """(N, H, W) uint8 -> (N, 1, r, r) uint8: the one resize of training, evaluation and `pqfn predict`."""
-    x = images.unsqueeze(1).float()
-    if x.shape[-1] != resolution or x.shape[-2] != resolution:
-        x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
-    return x.round_().clamp_(0, 255).to(torch.uint8)
 
 
 class TrialImages:
