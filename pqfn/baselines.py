@@ -2,7 +2,9 @@
 
 A ResNet-18 found by a distributed search is only worth its cost if it beats the cheapest model that
 could do the job on the same packages, by more than the noise. Two such models, each a class-balanced
-scikit-learn logistic regression (standardised features) fitted in well under a second:
+scikit-learn logistic regression (standardised features) fitted in well under a second; the intensity
+model's choice of size fits once per candidate size, fold and repeat (about a second for the quickstart's
+240 images and 3 folds):
 
 - **intensity**: statistics of the decoded scan for the whole scan, its centre (where a QFN's die pad
   sits) and the ring around it (the leads), at the analysis size (ANALYSIS_SIZES, never above

@@ -51,7 +51,7 @@ from pqfn.errors import DataError
 from pqfn.explain import localisation_report
 from pqfn.records import Selection
 from pqfn.report import atomic_write, write_evaluation
-from pqfn.splits import HoldOut, build_pool, make_folds
+from pqfn.splits import HoldOut, build_pool, make_folds, repeated_folds
 from pqfn.trial import TrialImages, predict_logits
 
 
@@ -178,7 +178,9 @@ def cheap_baselines(cfg: TrialConfig, ev: EvaluateConfig, ds: Dataset, holdout: 
     held-out packages, prior-corrected by the CNN's rule on its own out-of-fold predictions (the trial's folds)."""
     folds = make_folds(ds, entries, cfg.folds, cfg.seed)
     out: dict[str, dict[str, Any]] = {}
-    for b in make_baselines(ds, np.concatenate([entries, holdout.test]), folds):
+    # the analysis size chosen on exactly the trial's folds (every repeat), as in its per-fold records
+    trial_folds = repeated_folds(ds, entries, cfg.folds, cfg.repeats, cfg.seed)
+    for b in make_baselines(ds, np.concatenate([entries, holdout.test]), trial_folds):
         oof_idx, oof_lp = out_of_fold(b, ds.labels, folds)
         if ev.prior_strength == "auto":
             strength, _ = choose_strength(ds.labels[oof_idx], oof_lp, priors, ds.package_ids[oof_idx])

@@ -104,20 +104,22 @@ def gradcam(model: nn.Module, images: torch.Tensor | np.ndarray, target_classes:
 
 def has_dense_head(model: nn.Module) -> bool:
     """Whether every member of `model` has pqfn.model's dense delamination head (trial.model resnet18_dense)."""
-    return all(isinstance(m, DenseResNet18) for m in _members(model))
+    members = _members(model)
+    return bool(members) and all(isinstance(m, DenseResNet18) for m in members)
 
 
 # The dense head's channels (die pad, bond pad) that speak for each class: A the die pad, B the bond pad,
 # C and D either (D: where the model sees delamination most, had there been any).
 DENSE_CHANNELS = {"A": (0,), "B": (1,), "C": (0, 1), "D": (0, 1)}
+DENSE_STRIDE = 8  # the dense head's stage (layer2): cell i looks at pixel 8 x i at any resolution
 
 
 def dense_maps(model: nn.Module, images: torch.Tensor | np.ndarray, target_classes: Sequence[int] | np.ndarray, *,
                batch_size: int = 32, device: torch.device | str | None = None) -> np.ndarray:
     """The dense head's own map (resnet18_dense): per cell, the probability that the target class's finding
     (DENSE_CHANNELS) is delaminated there, the maximum over its channels, averaged over a FoldEnsemble's
-    members, upsampled to the input and aligned as gradcam's maps are (cell_offset): a cell is trained on the
-    mask of the window centred on where it looks (pqfn.model.DenseResNet18.dense_loss).
+    members, upsampled to the input with cell i centred on pixel 8 x i, where it looks and where its training
+    window is centred (pqfn.model.cell_targets), at any resolution.
 
     Unlike Grad-CAM, which shows where the evidence for a class lies, this map is trained (trial.mask_loss > 0)
     to be the delamination itself. images (N, 1, r, r) uint8 at the model's resolution -> (N, r, r) float32 in
@@ -140,17 +142,16 @@ def dense_maps(model: nn.Module, images: torch.Tensor | np.ndarray, target_class
     pick = torch.zeros(len(classes), 2, dtype=torch.bool)
     for i, c in enumerate(classes):
         pick[i, list(DENSE_CHANNELS[CLASSES[c]])] = True
-    cells = 0
     with torch.no_grad():
         for s in range(0, len(x_all), batch_size):
             x = Preprocessing.normalise(x_all[s : s + batch_size].to(dev))
             prob = torch.stack([torch.sigmoid(m.cell_logits(x).float()) for m in members]).mean(0)  # (B, 2, h, w)
-            cells = prob.shape[-1]
             chosen = prob.masked_fill(~pick[s : s + len(x), :, None, None].to(prob.device), 0.0).amax(1, keepdim=True)
-            out[s : s + len(x)] = F.interpolate(chosen, size=(x_all.shape[-2], r), mode="bilinear",
-                                                align_corners=False)[:, 0].cpu().numpy()
-    shift = cell_offset(r, cells) if cells else 0.0
-    if shift:
+            # cell i's centre lands on pixel stride x i + (stride - 1) / 2 here; the shift below puts it on stride x i
+            up = F.interpolate(chosen, scale_factor=DENSE_STRIDE, mode="bilinear", align_corners=False)
+            out[s : s + len(x)] = up[:, 0, : x_all.shape[-2], :r].cpu().numpy()
+    shift = (DENSE_STRIDE - 1) / 2
+    if len(out):
         out = np.stack([ndimage.shift(h, (-shift, -shift), order=1, mode="nearest") for h in out]).clip(0, 1)
     return out
 

@@ -138,20 +138,21 @@ class DenseResNet18(ResNet):
         if self._cells is None:
             raise RuntimeError("dense_loss before a training forward pass")
         cells, self._cells = self._cells.float(), None
-        target = F.adaptive_max_pool2d(centred(masks.float(), cells.shape[-1]), cells.shape[-2:])
+        target = cell_targets(masks.float(), cells.shape[-1])
         return F.binary_cross_entropy_with_logits(cells, target, pos_weight=self.pos_weight)
 
 
-def centred(masks: torch.Tensor, cells: int) -> torch.Tensor:
-    """masks (B, C, r, r) moved down and right by half a cell, so that pooling cell i's window (pixels
-    stride x i to stride x (i + 1)) covers the pixels centred on stride x i, where a cell of a ResNet whose
-    strided layers pad "same" looks (pqfn.explain.cell_offset): each cell learns the delamination under its
-    own receptive field's centre, not half a cell down and right of it."""
-    r = masks.shape[-1]
-    half = int(round(r / cells / 2))
-    if half == 0:
-        return masks
-    return F.pad(masks, (half, 0, half, 0))[..., :r, :r]
+def cell_targets(masks: torch.Tensor, cells: int, stride: int = 8) -> torch.Tensor:
+    """masks (B, C, r, r) float 0/1 -> (B, C, cells, cells): cell i is positive where any pixel of its window
+    stride x i - stride / 2 .. stride x i + stride / 2 - 1 is, the window centred on pixel stride x i, where a
+    cell of a ResNet whose strided layers pad "same" looks (pqfn.explain.cell_offset), at any resolution (at
+    100 px a stride-8 stage has 13 cells: r / cells would not be the stride). The pixels past the last window
+    (the bottom and right edge) count for the last cell."""
+    r, h, n = masks.shape[-1], stride // 2, cells
+    extra = stride * (n + 1) - r - h  # pad to n + 1 whole windows
+    pooled = F.max_pool2d(F.pad(masks, (h, extra, h, extra)), stride, stride)  # (B, C, n + 1, n + 1)
+    rows = torch.cat([pooled[..., : n - 1, :], pooled[..., n - 1 :, :].amax(-2, keepdim=True)], -2)
+    return torch.cat([rows[..., : n - 1], rows[..., n - 1 :].amax(-1, keepdim=True)], -1)
 
 
 def findings_log_probs(z: torch.Tensor) -> torch.Tensor:

@@ -258,7 +258,8 @@ class CrossValidation:
         self.folds = repeated_folds(ds, self.entries, cfg.folds, cfg.repeats, cfg.seed)  # K x repeats
         check_trial(cfg, self.folds)
         self.data = TrialImages(ds, self.entries, cfg.resolution, self.device, masks=cfg.mask_loss > 0)
-        # The cheap baselines on the same folds (well under a second): their figures join every record.
+        # The cheap baselines on the same folds (about a second with the intensity model's size choice): their
+        # figures join every record.
         self.baseline_folds = fold_records(ds, self.folds, make_baselines(ds, self.entries, self.folds))
         self.learners = [
             Learner(cfg, self.data, self.data.rows(f.train), cfg.seed * 1000 + k, self.device)

@@ -17,7 +17,7 @@ from pqfn.augment import augment_with_masks
 from pqfn.config import DataConfig, SynthConfig, TrialConfig, uses_masks, validate
 from pqfn.data import Dataset, load_dataset, with_masks
 from pqfn.errors import DataError, TrialError
-from pqfn.model import DENSE_MODEL, DenseResNet18, build_model, centred, findings_log_probs
+from pqfn.model import DENSE_MODEL, DenseResNet18, build_model, cell_targets, findings_log_probs
 from pqfn.splits import split_test
 from pqfn.synth import generate
 from pqfn.trial import CrossValidation
@@ -168,15 +168,40 @@ def test_a_mask_that_contradicts_its_label_is_one_line(tmp_path: Path) -> None:
     assert {f: f.read_bytes() for f in before} == before  # nothing of the user's was touched
 
 
-def test_a_cell_learns_the_window_centred_where_it_looks() -> None:
-    # stride 8 at 32 px: cell i looks at pixel 8i (pqfn.explain.cell_offset), so its target window is 8i-4 .. 8i+3
-    masks = torch.zeros(1, 2, 32, 32)
-    masks[0, 1, 12, 19] = 1.0  # row 12 is in cell 2's window (12..19) after centring, column 19 in cell 2's too
-    target = torch.nn.functional.adaptive_max_pool2d(centred(masks, 4), 4)
-    assert target[0, 1].nonzero().tolist() == [[2, 2]]
-    masks[0, 1, 12, 19], masks[0, 1, 11, 20] = 0.0, 1.0  # one pixel up and right: cell (1, 3)
-    assert torch.nn.functional.adaptive_max_pool2d(centred(masks, 4), 4)[0, 1].nonzero().tolist() == [[1, 3]]
-    assert centred(masks, 32) is masks  # stride 1: nothing to centre
+@pytest.mark.parametrize("r", [32, 100, 112])
+def test_a_cell_learns_the_window_centred_where_it_looks(r: int) -> None:
+    # stride 8: cell i looks at pixel 8i (pqfn.explain.cell_offset), so its target window is 8i-4 .. 8i+3, at
+    # any resolution (at 100 px the stage has 13 cells, and r / cells = 7.7 is not the stride)
+    cells = build_model(DENSE_MODEL).eval().cell_logits(torch.zeros(1, 1, r, r)).shape[-1]
+    assert cells == -(-r // 8)
+
+    def cell_of(y: int, x: int) -> list[list[int]]:
+        masks = torch.zeros(1, 2, r, r)
+        masks[0, 1, y, x] = 1.0
+        t = cell_targets(masks, cells)
+        assert t.shape == (1, 2, cells, cells) and not t[0, 0].any()
+        return t[0, 1].nonzero().tolist()
+
+    for i in range(1, cells - 1):
+        assert cell_of(8 * i - 4, 8 * i + 3) == [[i, i]]  # the window's corners
+        assert cell_of(8 * i - 5, 8 * i + 4) == [[i - 1, i + 1]]  # one pixel past them
+    assert cell_of(r - 1, r - 1) == [[cells - 1, cells - 1]]  # the edge counts for the last cell
+    assert cell_of(0, 0) == [[0, 0]]
+
+
+def test_the_dense_map_puts_each_cell_where_it_looks(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pqfn.explain import dense_maps
+
+    for r in (100, 112):
+        m = build_model(DENSE_MODEL).eval()
+        cells = -(-r // 8)
+        for i, j in ((3, 7), (cells - 2, 1)):
+            hot = torch.full((1, 2, cells, cells), -8.0)
+            hot[0, 0, i, j] = 8.0  # one die-pad cell
+            monkeypatch.setattr(m, "cell_logits", lambda x, hot=hot: hot.expand(len(x), -1, -1, -1))
+            heat = dense_maps(m, torch.zeros(1, 1, r, r, dtype=torch.uint8), [0])[0]
+            y, x = np.unravel_index(heat.argmax(), heat.shape)
+            assert abs(y - 8 * i) <= 1 and abs(x - 8 * j) <= 1, (r, i, j, y, x)
 
 
 def test_the_dense_map_shows_each_classs_own_finding() -> None:
