@@ -67,6 +67,18 @@ def target_layers(model: nn.Module, resolution: int, max_stride: int = MAX_STRID
     return layers
 
 
+def _prepared(model: nn.Module, images: torch.Tensor | np.ndarray, target_classes: Sequence[int] | np.ndarray,
+              device: torch.device | str | None) -> tuple[nn.Module, torch.Tensor, list[int]]:
+    """The checked inputs of a heat map: the model in float32 eval mode (on `device`), images (N, 1, r, r), N classes."""
+    x_all = torch.as_tensor(images)
+    classes = [int(c) for c in np.asarray(target_classes).reshape(-1)]
+    if x_all.ndim != 4 or x_all.shape[1] != 1 or len(classes) != len(x_all):
+        raise ValueError(f"expected images (N, 1, r, r) and N target classes, got {tuple(x_all.shape)} and {len(classes)}")
+    if device is not None:
+        model = model.to(device)
+    return model.float().eval(), x_all, classes
+
+
 def gradcam(model: nn.Module, images: torch.Tensor | np.ndarray, target_classes: Sequence[int] | np.ndarray, *,
             batch_size: int = 32, device: torch.device | str | None = None, max_stride: int = MAX_STRIDE) -> np.ndarray:
     """Grad-CAM of `target_classes` for images (N, 1, r, r) uint8 (already at the model's resolution).
@@ -77,13 +89,7 @@ def gradcam(model: nn.Module, images: torch.Tensor | np.ndarray, target_classes:
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    x_all = torch.as_tensor(images)
-    classes = [int(c) for c in np.asarray(target_classes).reshape(-1)]
-    if x_all.ndim != 4 or x_all.shape[1] != 1 or len(classes) != len(x_all):
-        raise ValueError(f"expected images (N, 1, r, r) and N target classes, got {tuple(x_all.shape)} and {len(classes)}")
-    if device is not None:
-        model = model.to(device)
-    model = model.float().eval()
+    model, x_all, classes = _prepared(model, images, target_classes, device)
     out = np.zeros((len(x_all), x_all.shape[-2], x_all.shape[-1]), np.float32)
     layers = target_layers(model, x_all.shape[-1], max_stride)
     cells: list[int] = []  # the stage's map size, as grad-cam saw it (every member's stage has the same stride)
@@ -111,7 +117,6 @@ def has_dense_head(model: nn.Module) -> bool:
 # The dense head's channels (die pad, bond pad) that speak for each class: A the die pad, B the bond pad,
 # C and D either (D: where the model sees delamination most, had there been any).
 DENSE_CHANNELS = {"A": (0,), "B": (1,), "C": (0, 1), "D": (0, 1)}
-DENSE_STRIDE = 8  # the dense head's stage (layer2): cell i looks at pixel 8 x i at any resolution
 
 
 def dense_maps(model: nn.Module, images: torch.Tensor | np.ndarray, target_classes: Sequence[int] | np.ndarray, *,
@@ -128,13 +133,7 @@ def dense_maps(model: nn.Module, images: torch.Tensor | np.ndarray, target_class
 
     if not has_dense_head(model):
         raise ValueError(f"{type(model).__name__} has no dense delamination head (trial.model resnet18_dense)")
-    x_all = torch.as_tensor(images)
-    classes = [int(c) for c in np.asarray(target_classes).reshape(-1)]
-    if x_all.ndim != 4 or x_all.shape[1] != 1 or len(classes) != len(x_all):
-        raise ValueError(f"expected images (N, 1, r, r) and N target classes, got {tuple(x_all.shape)} and {len(classes)}")
-    if device is not None:
-        model = model.to(device)
-    model = model.float().eval()
+    model, x_all, classes = _prepared(model, images, target_classes, device)
     members = [m for m in _members(model) if isinstance(m, DenseResNet18)]
     dev = next(model.parameters()).device
     r = x_all.shape[-1]
@@ -148,9 +147,9 @@ def dense_maps(model: nn.Module, images: torch.Tensor | np.ndarray, target_class
             prob = torch.stack([torch.sigmoid(m.cell_logits(x).float()) for m in members]).mean(0)  # (B, 2, h, w)
             chosen = prob.masked_fill(~pick[s : s + len(x), :, None, None].to(prob.device), 0.0).amax(1, keepdim=True)
             # cell i's centre lands on pixel stride x i + (stride - 1) / 2 here; the shift below puts it on stride x i
-            up = F.interpolate(chosen, scale_factor=DENSE_STRIDE, mode="bilinear", align_corners=False)
+            up = F.interpolate(chosen, scale_factor=DenseResNet18.STRIDE, mode="bilinear", align_corners=False)
             out[s : s + len(x)] = up[:, 0, : x_all.shape[-2], :r].cpu().numpy()
-    shift = (DENSE_STRIDE - 1) / 2
+    shift = (DenseResNet18.STRIDE - 1) / 2
     if len(out):
         out = np.stack([ndimage.shift(h, (-shift, -shift), order=1, mode="nearest") for h in out]).clip(0, 1)
     return out

@@ -102,6 +102,7 @@ class DenseResNet18(ResNet):
     # a tenth of that (3 and 30 for the bond pad measured the same: README, "Quickstart", levers).
     POS_WEIGHT = (2.0, 10.0)
     STRIDE8_CHANNELS = 128  # ResNet-18's layer2
+    STRIDE = 8  # of that stage: cell i looks at input pixel 8 x i
     pos_weight: torch.Tensor
     layer1: nn.Module
     layer2: nn.Module
@@ -138,11 +139,11 @@ class DenseResNet18(ResNet):
         if self._cells is None:
             raise RuntimeError("dense_loss before a training forward pass")
         cells, self._cells = self._cells.float(), None
-        target = cell_targets(masks.float(), cells.shape[-1])
+        target = cell_targets(masks.float(), cells.shape[-1], self.STRIDE)
         return F.binary_cross_entropy_with_logits(cells, target, pos_weight=self.pos_weight)
 
 
-def cell_targets(masks: torch.Tensor, cells: int, stride: int = 8) -> torch.Tensor:
+def cell_targets(masks: torch.Tensor, cells: int, stride: int) -> torch.Tensor:
     """masks (B, C, r, r) float 0/1 -> (B, C, cells, cells): cell i is positive where any pixel of its window
     stride x i - stride / 2 .. stride x i + stride / 2 - 1 is, the window centred on pixel stride x i, where a
     cell of a ResNet whose strided layers pad "same" looks (pqfn.explain.cell_offset), at any resolution (at

@@ -26,8 +26,8 @@ def test_intensity_features_shape_and_regions() -> None:
     np.testing.assert_array_equal(ring[0], ring[1])  # the ring does not see it
 
 
-def test_baseline_in_cv_sees_exactly_the_trials_training_images(tiny_ds: Dataset,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def _spy_on_fits(monkeypatch: pytest.MonkeyPatch) -> list[np.ndarray]:
+    """The rows of every Baseline.fit from now on, in call order."""
     seen: list[np.ndarray] = []
     fit = bl.Baseline.fit
 
@@ -36,6 +36,12 @@ def test_baseline_in_cv_sees_exactly_the_trials_training_images(tiny_ds: Dataset
         return fit(self, rows, labels)
 
     monkeypatch.setattr(bl.Baseline, "fit", spy)
+    return seen
+
+
+def test_baseline_in_cv_sees_exactly_the_trials_training_images(tiny_ds: Dataset,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = _spy_on_fits(monkeypatch)
     cfg = TrialConfig(resolution=32, folds=2, epochs=1, data_size=40, batch_size=8, max_copies=10, device="cpu")
     ho = split_test(tiny_ds, 0.2, seed=0)
     cv = CrossValidation(cfg, tiny_ds, ho.pool)
@@ -60,14 +66,7 @@ def test_intensity_size_is_chosen_on_the_training_folds_only(tiny_ds: Dataset,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     # Two candidate sizes (the tiny scans are 48 px): each is scored out of fold, fitted on training folds only.
     monkeypatch.setattr(bl, "ANALYSIS_SIZES", (16, 48))
-    seen: list[np.ndarray] = []
-    fit = bl.Baseline.fit
-
-    def spy(self: bl.Baseline, rows: np.ndarray, labels: np.ndarray):  # type: ignore[no-untyped-def]
-        seen.append(np.array(rows))
-        return fit(self, rows, labels)
-
-    monkeypatch.setattr(bl.Baseline, "fit", spy)
+    seen = _spy_on_fits(monkeypatch)
     ho = split_test(tiny_ds, 0.2, seed=0)
     folds = make_folds(tiny_ds, ho.pool, 2, seed=0)
     chosen = bl.make_baselines(tiny_ds, ho.pool, folds)[0]
@@ -75,7 +74,8 @@ def test_intensity_size_is_chosen_on_the_training_folds_only(tiny_ds: Dataset,
     for rows in seen:
         assert any(np.array_equal(rows, f.train) for f in folds)
         assert not set(rows) & set(ho.test)
-    monkeypatch.setattr(bl.Baseline, "fit", fit)
+    monkeypatch.undo()  # the real fit again, for the scores below
+    monkeypatch.setattr(bl, "ANALYSIS_SIZES", (16, 48))
     scores = {s: bl._cv_score(bl.Baseline("intensity", bl._intensity_at(tiny_ds, ho.pool, s), s), tiny_ds.labels, folds)
               for s in (16, 48)}
     assert chosen.name == "intensity" and chosen.size == max(scores, key=lambda s: (scores[s], -s))

@@ -178,7 +178,7 @@ def test_a_cell_learns_the_window_centred_where_it_looks(r: int) -> None:
     def cell_of(y: int, x: int) -> list[list[int]]:
         masks = torch.zeros(1, 2, r, r)
         masks[0, 1, y, x] = 1.0
-        t = cell_targets(masks, cells)
+        t = cell_targets(masks, cells, DenseResNet18.STRIDE)
         assert t.shape == (1, 2, cells, cells) and not t[0, 0].any()
         return t[0, 1].nonzero().tolist()
 
