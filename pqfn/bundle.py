@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from pqfn.config import CLASSES, TrialConfig
-from pqfn.data import Dataset, resize_uint8
+from pqfn.data import REDUCTIONS, Dataset, resize_uint8
 from pqfn.errors import ConfigError, PqfnError, TrialError
 from pqfn.io import read_json, read_safetensors
 from pqfn.trial import MEAN, STD
@@ -51,10 +51,11 @@ class Preprocessing:
 
     decode_size: int  # every image is first decoded to (decode_size, decode_size) uint8 grayscale
     resolution: int  # then resized to the model's input size
+    reduce: str = "bilinear"  # how (trial.reduce; bundles written before it existed: bilinear)
 
     def resize(self, images: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
         """Decoded (N, decode_size, decode_size) uint8 -> (N, 1, r, r) uint8, the resize of TrialImages."""
-        return resize_uint8(torch.from_numpy(np.ascontiguousarray(images)).to(device), self.resolution)
+        return resize_uint8(torch.from_numpy(np.ascontiguousarray(images)).to(device), self.resolution, self.reduce)
 
     @staticmethod
     def normalise(x_uint8: torch.Tensor) -> torch.Tensor:
@@ -66,6 +67,7 @@ class Preprocessing:
         return {
             "decode_size": self.decode_size,
             "resolution": self.resolution,
+            "reduce": self.reduce,
             "mean": MEAN,
             "std": STD,
             "steps": [
@@ -73,8 +75,12 @@ class Preprocessing:
                 "RGB/palette converted to 8-bit luminance (PIL 'L')",
                 f"resize to {self.decode_size}x{self.decode_size} with PIL bilinear (reducing_gap=3) "
                 "when the size differs (pqfn.data.decode_image)",
-                f"resize to {self.resolution}x{self.resolution} with antialiased bilinear interpolation "
-                "(torch.nn.functional.interpolate, align_corners=False), round to uint8",
+                (f"resize to {self.resolution}x{self.resolution}: when smaller than {self.decode_size}, each pixel "
+                 "the maximum of its window (torch.nn.functional.adaptive_max_pool2d); otherwise antialiased "
+                 "bilinear interpolation (torch.nn.functional.interpolate, align_corners=False)"
+                 if self.reduce == "max" else
+                 f"resize to {self.resolution}x{self.resolution} with antialiased bilinear interpolation "
+                 "(torch.nn.functional.interpolate, align_corners=False)") + ", round to uint8",
                 f"x = (pixel / 255 - {MEAN}) / {STD}, float32, shape (N, 1, {self.resolution}, {self.resolution})",
             ],
         }
@@ -213,7 +219,7 @@ def write_bundle(
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     save_file(state, str(tmp / WEIGHTS_FILE))
-    pre = Preprocessing(decode_size, cfg.resolution)
+    pre = Preprocessing(decode_size, cfg.resolution, cfg.reduce)
     info: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -339,10 +345,13 @@ def load_bundle(folder: Path | str) -> Bundle:
     pre = info["preprocessing"]
     if (pre.get("mean"), pre.get("std")) != (MEAN, STD):
         raise _refuse(folder, f"normalisation mean {pre.get('mean')} std {pre.get('std')} is not this pqfn's ({MEAN}, {STD})")
+    reduce = pre.get("reduce", "bilinear")
+    if reduce not in REDUCTIONS:
+        raise _refuse(folder, f"{BUNDLE_FILE} preprocessing.reduce {reduce!r}: expected one of {list(REDUCTIONS)}")
     priors = None if info["priors"] is None else np.asarray(info["priors"], np.float64)
     return Bundle(
         folder=folder, model=model.eval(), trial=cfg, classes=tuple(info["classes"]),
-        preprocessing=Preprocessing(int(pre["decode_size"]), int(pre["resolution"])),
+        preprocessing=Preprocessing(int(pre["decode_size"]), int(pre["resolution"]), reduce),
         priors=priors, prior_adjust=bool(info["prior_adjust"]), prior_strength=float(info["prior_strength"]),
         fingerprint=str(info["data_fingerprint"]), metrics=dict(info["metrics"]), versions=dict(info["versions"]),
         info=info,

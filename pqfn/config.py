@@ -122,6 +122,10 @@ class TrialConfig(_Strict):
     epochs: int = Field(10, ge=1)
     data_size: int = Field(840, ge=4)  # images in the balanced CV pool, data_size / 4 per class
     resolution: int = Field(100, ge=16, le=1024)
+    # How the decoded scan is shrunk to `resolution` (pqfn.data.resize_uint8): bilinear (antialiased: each pixel
+    # the mean of its window) or max (each pixel the brightest of its window, so a bond-pad patch of a pixel or
+    # two keeps its amplitude; README, "Is the CNN worth it?"). Bundles record it; enlarging is always bilinear.
+    reduce: Literal["bilinear", "max"] = "bilinear"
     batch_size: int = Field(8, ge=2)
     optimizer: OptimizerConfig = OptimizerConfig()
     schedule: Literal["none", "cosine"] = "cosine"

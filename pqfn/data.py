@@ -239,15 +239,28 @@ def decode_image(file: Path, size: int) -> np.ndarray:
         return np.asarray(im, dtype=np.uint8)
 
 
-def resize_uint8(images: torch.Tensor, resolution: int) -> torch.Tensor:
+REDUCTIONS = ("bilinear", "max")  # trial.reduce: how a scan is shrunk to the model's resolution
+
+
+def resize_uint8(images: torch.Tensor, resolution: int, reduce: str = "bilinear") -> torch.Tensor:
     """(N, H, W) uint8 -> (N, 1, r, r) uint8: the one resize of training, evaluation, `pqfn predict` and the
-    cheap baselines' analysis size (antialiased bilinear; torch is imported here, not by every data user)."""
+    cheap baselines' analysis size (torch is imported here, not by every data user).
+
+    reduce="bilinear": antialiased bilinear, which averages each output pixel's window (speckle, and a bright
+    patch smaller than the window, alike). reduce="max": when shrinking, each output pixel is the brightest of
+    its window (torch adaptive_max_pool2d), so a bright patch of a pixel or two keeps its amplitude at a lower
+    resolution; when enlarging (nothing to keep), bilinear as above."""
     import torch
     import torch.nn.functional as F
 
+    if reduce not in REDUCTIONS:
+        raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
     x = images.unsqueeze(1).float()
     if x.shape[-1] != resolution or x.shape[-2] != resolution:
-        x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
+        if reduce == "max" and x.shape[-1] >= resolution and x.shape[-2] >= resolution:
+            x = F.adaptive_max_pool2d(x, resolution)
+        else:
+            x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
     return x.round_().clamp_(0, 255).to(torch.uint8)
 
 

@@ -80,7 +80,7 @@ class Prediction:
 def predict_rows(cfg: TrialConfig, model: torch.nn.Module, ds: Dataset, rows: np.ndarray,
                  device: torch.device) -> np.ndarray:
     """Logits (N, classes) for ds[rows], resized to the model's resolution, never augmented."""
-    data = TrialImages(ds, rows, cfg.resolution, device)
+    data = TrialImages(ds, rows, cfg.resolution, device, reduce=cfg.reduce)
     return predict_logits(cfg, model.to(device), data.images[data.rows(rows)], device).cpu().numpy()
 
 
@@ -323,7 +323,7 @@ def evaluate_holdout(
         "brier": brier_score(pred.probs, y), "brier_raw": brier_score(pred.raw_probs, y), "bins": 10,
     }
     plot_reliability(out_dir / "reliability.png", {"prior-corrected": pred.probs, "raw": pred.raw_probs}, y)
-    loc = localisation(model, ds, holdout.test, entries, cfg.resolution, log)
+    loc = localisation(model, ds, holdout.test, entries, cfg.resolution, log, cfg.reduce)
     metrics["localisation"] = loc[0] if loc else None
     if loc:
         metrics["localisation_baselines"] = loc[1]
@@ -339,11 +339,11 @@ def evaluate_holdout(
 
 
 def localisation(model: FoldEnsemble, ds: Dataset, rows: np.ndarray, train_rows: np.ndarray, resolution: int,
-                 log: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Any]] | None:
+                 log: Callable[[str], None], reduce: str = "bilinear") -> tuple[dict[str, Any], dict[str, Any]] | None:
     """Grad-CAM peaks against the true delamination masks, and the two localisation baselines beside them
     (synthetic data only; None without masks)."""
     try:
-        return localisation_report(model, ds, rows, train_rows, resolution)
+        return localisation_report(model, ds, rows, train_rows, resolution, reduce=reduce)
     except DataError as e:
         log(f"held-out: no localisation score ({e})")
         return None

@@ -249,7 +249,7 @@ def fixed_location_maps(train_masks: np.ndarray, train_labels: np.ndarray, label
 
 
 def localisation_report(model: nn.Module, ds: Dataset, rows: np.ndarray, train_rows: np.ndarray, resolution: int, *,
-                        max_stride: int = MAX_STRIDE, batch_size: int = 32,
+                        reduce: str = "bilinear", max_stride: int = MAX_STRIDE, batch_size: int = 32,
                         device: torch.device | str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Grad-CAM's localisation score on ds[rows] (holdout_localisation's dict) and, beside it, both cheap
     localisation baselines on the same scans (brightest pixel of the lightly blurred scan; the mean training mask
@@ -262,7 +262,7 @@ def localisation_report(model: nn.Module, ds: Dataset, rows: np.ndarray, train_r
     from pqfn.data import load_masks
     from pqfn.errors import DataError
 
-    rows, x, masks, heat = _delaminated_heat(model, ds, rows, resolution, max_stride, batch_size, device)
+    rows, x, masks, heat = _delaminated_heat(model, ds, rows, resolution, max_stride, batch_size, device, reduce)
     labels = ds.labels[rows]
     score = localisation_score(heat, masks, labels)
     train = np.unique(np.asarray(train_rows))
@@ -293,7 +293,7 @@ def localisation_report(model: nn.Module, ds: Dataset, rows: np.ndarray, train_r
 
 
 def holdout_localisation(model: nn.Module, ds: Dataset, rows: np.ndarray, resolution: int, *,
-                         max_stride: int = MAX_STRIDE, batch_size: int = 32,
+                         reduce: str = "bilinear", max_stride: int = MAX_STRIDE, batch_size: int = 32,
                          device: torch.device | str | None = None) -> dict[str, dict[str, float]]:
     """The localisation score of `model` on ds[rows] (e.g. the held-out packages of a synthetic data set).
 
@@ -301,15 +301,15 @@ def holdout_localisation(model: nn.Module, ds: Dataset, rows: np.ndarray, resolu
     at the model's input resolution, against the masks pqfn synth wrote (pqfn.data.load_masks; a data set
     without masks raises DataError). Returns localisation_score's dict.
     """
-    rows, _, masks, heat = _delaminated_heat(model, ds, rows, resolution, max_stride, batch_size, device)
+    rows, _, masks, heat = _delaminated_heat(model, ds, rows, resolution, max_stride, batch_size, device, reduce)
     return localisation_score(heat, masks, ds.labels[rows])
 
 
 def _delaminated_heat(model: nn.Module, ds: Dataset, rows: np.ndarray, resolution: int, max_stride: int,
-                      batch_size: int, device: torch.device | str | None,
+                      batch_size: int, device: torch.device | str | None, reduce: str = "bilinear",
                       ) -> tuple[np.ndarray, torch.Tensor, np.ndarray, np.ndarray]:
     """The delaminated rows of ds[rows] (D scans have nothing to point at), their images at the model's
-    resolution (N, 1, r, r) uint8, true masks and Grad-CAM maps of their TRUE class (N, r, r)."""
+    resolution (N, 1, r, r) uint8 (shrunk as the model's were, `reduce`), true masks and Grad-CAM maps of their TRUE class (N, r, r)."""
     from pqfn.data import load_masks
     from pqfn.errors import DataError
 
@@ -317,7 +317,7 @@ def _delaminated_heat(model: nn.Module, ds: Dataset, rows: np.ndarray, resolutio
     rows = rows[ds.labels[rows] != CLASSES.index("D")]
     if len(rows) == 0:
         raise DataError("no delaminated (A, B, C) scan among them to localise")
-    x = Preprocessing(ds.images.shape[-1], resolution).resize(ds.images[rows])
+    x = Preprocessing(ds.images.shape[-1], resolution, reduce).resize(ds.images[rows])
     masks = load_masks(ds.subset(rows), resolution)
     heat = gradcam(model, x, ds.labels[rows], batch_size=batch_size, device=device, max_stride=max_stride)
     return rows, x, masks, heat

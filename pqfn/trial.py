@@ -62,13 +62,14 @@ MEAN, STD = 0.5, 0.25
 class TrialImages:
     """The images one trial needs, resized ONCE to the trial's resolution and held on the device."""
 
-    def __init__(self, ds: Dataset, needed: np.ndarray, resolution: int, device: torch.device, masks: bool = False):
+    def __init__(self, ds: Dataset, needed: np.ndarray, resolution: int, device: torch.device, masks: bool = False,
+                 reduce: str = "bilinear"):
         needed = np.unique(needed)
         self.row = np.full(len(ds), -1, np.int64)  # dataset index -> row in self.images
         self.row[needed] = np.arange(len(needed))
         chunks = []
         for s in range(0, len(needed), 256):
-            chunks.append(resize_uint8(torch.from_numpy(ds.images[needed[s : s + 256]]).to(device), resolution))
+            chunks.append(resize_uint8(torch.from_numpy(ds.images[needed[s : s + 256]]).to(device), resolution, reduce))
         self.images = torch.cat(chunks)  # (M, 1, r, r) uint8
         self.labels = torch.from_numpy(ds.labels[needed]).to(device)  # (M,) int64
         # (M, 2, r, r) uint8 die-pad and bond-pad planes (trial.mask_loss): a pixel is marked when any part of it
@@ -257,7 +258,8 @@ class CrossValidation:
         self.ds = ds
         self.folds = repeated_folds(ds, self.entries, cfg.folds, cfg.repeats, cfg.seed)  # K x repeats
         check_trial(cfg, self.folds)
-        self.data = TrialImages(ds, self.entries, cfg.resolution, self.device, masks=cfg.mask_loss > 0)
+        self.data = TrialImages(ds, self.entries, cfg.resolution, self.device, masks=cfg.mask_loss > 0,
+                                reduce=cfg.reduce)
         # The cheap baselines on the same folds (about a second with the intensity model's size choice): their
         # figures join every record.
         self.baseline_folds = fold_records(ds, self.folds, make_baselines(ds, self.entries, self.folds))

@@ -16,9 +16,9 @@ PRIORS = [0.2, 0.1, 0.1, 0.6]
 
 
 def make_bundle(folder: Path, *, members: int = 0, resolution: int = 32, decode_size: int = 48,
-                prior_adjust: bool = True, model_name: str = "resnet18") -> Path:
+                prior_adjust: bool = True, model_name: str = "resnet18", reduce: str = "bilinear") -> Path:
     torch.manual_seed(0)
-    cfg = TrialConfig(model=model_name, resolution=resolution, bf16=False)  # fp32 everywhere: exact comparisons
+    cfg = TrialConfig(model=model_name, resolution=resolution, bf16=False, reduce=reduce)  # fp32 everywhere: exact comparisons
     model = FoldEnsemble([build_model(model_name) for _ in range(members)]) if members else build_model(model_name)
     return write_bundle(folder, cfg, model, priors=PRIORS, prior_adjust=prior_adjust, fingerprint="sha256:test",
                         metrics={"balanced_accuracy": 0.5}, decode_size=decode_size)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from pqfn.bundle import BUNDLE_FILE, WEIGHTS_FILE, data_fingerprint, load_bundle, read_info, write_bundle
+from pqfn.bundle import BUNDLE_FILE, WEIGHTS_FILE, _content_sha, data_fingerprint, load_bundle, read_info, write_bundle
 from pqfn.config import CLASSES, TrialConfig
 from pqfn.data import Dataset
 from pqfn.ensemble import FoldEnsemble
@@ -44,6 +44,30 @@ def test_round_trip_rebuilds_the_same_model_and_preprocessing(tmp_path: Path, ti
     assert np.allclose(adjusted.sum(1), 1) and np.allclose(b.probabilities(logits, adjust=False).sum(1), 1)
     expect = torch.softmax(torch.from_numpy(logits + np.log(PRIORS)), 1).numpy()
     assert np.allclose(adjusted, expect)
+
+
+def test_a_max_reduce_bundle_resizes_as_its_trial_did_and_an_unknown_reduce_is_refused(
+        tmp_path: Path, tiny_ds: Dataset) -> None:
+    folder = make_bundle(tmp_path / "max", decode_size=tiny_ds.images.shape[-1], reduce="max")
+    b = load_bundle(folder)
+    assert b.preprocessing.reduce == "max" and b.trial.reduce == "max"
+    info = json.loads((folder / BUNDLE_FILE).read_text())
+    assert info["preprocessing"]["reduce"] == "max" and "adaptive_max_pool2d" in " ".join(info["preprocessing"]["steps"])
+    rows = np.arange(6)
+    data = TrialImages(tiny_ds, rows, 32, torch.device("cpu"), reduce="max")
+    x = b.preprocessing.resize(tiny_ds.images[rows])
+    assert torch.equal(x, data.images[data.rows(rows)])
+    assert not torch.equal(x, TrialImages(tiny_ds, rows, 32, torch.device("cpu")).images[data.rows(rows)])
+    # A bundle written before trial.reduce existed (no preprocessing.reduce) resizes as it did then: bilinear.
+    old = make_bundle(tmp_path / "old", decode_size=tiny_ds.images.shape[-1])
+    info = json.loads((old / BUNDLE_FILE).read_text())
+    del info["preprocessing"]["reduce"]
+    (old / BUNDLE_FILE).write_text(json.dumps(info | {"content_sha256": _content_sha(info)}))
+    assert load_bundle(old).preprocessing.reduce == "bilinear"
+    info["preprocessing"]["reduce"] = "nearest"  # hand-edited and re-checksummed: refused by name
+    (old / BUNDLE_FILE).write_text(json.dumps(info | {"content_sha256": _content_sha(info)}))
+    with pytest.raises(PqfnError, match="preprocessing.reduce 'nearest'"):
+        load_bundle(old)
 
 
 def test_altered_missing_or_newer_bundles_are_refused(tmp_path: Path) -> None:

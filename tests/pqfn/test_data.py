@@ -113,3 +113,21 @@ def test_no_warning_for_clean_data(tiny_data_cfg: DataConfig) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_dataset(tiny_data_cfg, log=False)
+
+
+def test_max_reduce_keeps_a_one_pixel_patch_that_bilinear_averages_away() -> None:
+    import torch
+
+    from pqfn.data import resize_uint8
+
+    scan = torch.full((1, 128, 128), 60, dtype=torch.uint8)
+    scan[0, 41, 90] = 250  # a bond-pad patch of one pixel at 128 px
+    kept = resize_uint8(scan, 64, "max")[0, 0]
+    assert kept.shape == (64, 64) and int(kept[20, 45]) == 250  # 2 x 2 window (40-41, 90-91): its brightest
+    assert int((kept == 250).sum()) == 1 and int(kept.min()) == 60
+    averaged = resize_uint8(scan, 64, "bilinear")[0, 0]
+    assert int(averaged.max()) < 130  # diluted into its window's background
+    # Enlarging has nothing to keep: both reductions are the same bilinear interpolation.
+    assert torch.equal(resize_uint8(scan, 160, "max"), resize_uint8(scan, 160, "bilinear"))
+    with pytest.raises(ValueError, match="reduce must be one of"):
+        resize_uint8(scan, 64, "nearest")
