@@ -10,7 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from pqfn.bundle import BUNDLE_FILE, WEIGHTS_FILE, _content_sha, data_fingerprint, load_bundle, read_info, write_bundle
+from pqfn.bundle import (
+    BUNDLE_FILE,
+    WEIGHTS_FILE,
+    _content_sha,
+    data_fingerprint,
+    load_bundle,
+    read_info,
+    write_bundle,
+)
 from pqfn.config import CLASSES, TrialConfig
 from pqfn.data import Dataset
 from pqfn.ensemble import FoldEnsemble
