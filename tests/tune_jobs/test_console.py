@@ -82,3 +82,31 @@ def test_pqfn_synth_starts_without_ray_or_torch(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "0 []"
     assert (tmp_path / "d" / "manifest.csv").is_file()
+
+
+def test_a_stopped_workers_sigterm_exit_leaves_no_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Ray's SIGTERM handler raises SystemExit; landing inside a weakref callback it became "Exception ignored in:
+    # ... SystemExit: 1" with a traceback on the sweep's console. Other unraisable exceptions still get through.
+    import weakref
+
+    from tune_jobs.trainable import quiet_sigterm_exit
+
+    seen: list[type[BaseException]] = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(type(u.exc_value)))
+    quiet_sigterm_exit()
+    quiet_sigterm_exit()  # once per worker process, however many trials it runs
+
+    class Obj:
+        pass
+
+    def raising(exc: BaseException) -> object:
+        def callback(_ref: object) -> None:
+            raise exc
+        obj = Obj()
+        ref = weakref.ref(obj, callback)
+        del obj  # the callback runs here and its exception is unraisable
+        return ref
+
+    raising(SystemExit(1))
+    raising(ValueError("a real problem"))
+    assert seen == [ValueError]
