@@ -94,7 +94,9 @@ def test_a_stopped_workers_sigterm_exit_leaves_no_traceback(monkeypatch: pytest.
     seen: list[type[BaseException]] = []
     monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(type(u.exc_value)))
     quiet_sigterm_exit()
+    installed = sys.unraisablehook
     quiet_sigterm_exit()  # once per worker process, however many trials it runs
+    assert sys.unraisablehook is installed
 
     class Obj:
         pass
