@@ -42,7 +42,7 @@ def _spy_on_fits(monkeypatch: pytest.MonkeyPatch) -> list[np.ndarray]:
 def test_baseline_in_cv_sees_exactly_the_trials_training_images(tiny_ds: Dataset,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     seen = _spy_on_fits(monkeypatch)
-    cfg = TrialConfig(resolution=32, folds=2, epochs=1, data_size=40, batch_size=8, max_copies=10, device="cpu")
+    cfg = TrialConfig(model="test_resnet", resolution=32, folds=2, epochs=1, data_size=40, batch_size=8, max_copies=10, device="cpu")
     ho = split_test(tiny_ds, 0.2, seed=0)
     cv = CrossValidation(cfg, tiny_ds, ho.pool)
     n_baselines = len(bl.make_baselines(tiny_ds))

@@ -43,7 +43,7 @@ def test_round_trip_rebuilds_the_same_model_and_preprocessing(tmp_path: Path, ti
     x = b.preprocessing.resize(tiny_ds.images[rows])
     assert torch.equal(x, data.images[data.rows(rows)])
     torch.manual_seed(0)
-    original = FoldEnsemble([build_model("resnet18") for _ in range(2)])
+    original = FoldEnsemble([build_model(b.trial.model) for _ in range(2)])
     ref = predict_logits(b.trial, original, x, torch.device("cpu"))
     assert torch.allclose(predict_logits(b.trial, b.model, x, torch.device("cpu")), ref, atol=1e-6)
     # Probabilities: rows sum to 1; adjusted = softmax(logits + log(priors)).

@@ -19,7 +19,7 @@ from pqfn.trial import CrossValidation
 
 @pytest.fixture(scope="module")
 def trained(tiny_ds: Dataset, tmp_path_factory: pytest.TempPathFactory) -> tuple[TrialConfig, Path]:
-    cfg = TrialConfig(resolution=32, folds=2, epochs=1, data_size=40, batch_size=8, max_copies=10, device="cpu")
+    cfg = TrialConfig(model="test_resnet", resolution=32, folds=2, epochs=1, data_size=40, batch_size=8, max_copies=10, device="cpu")
     ho = split_test(tiny_ds, 0.2, seed=0)
     cv = CrossValidation(cfg, tiny_ds, ho.pool)
     cv.fit()

@@ -57,7 +57,7 @@ def test_gradcam_points_at_the_evidence() -> None:
 
 
 def test_gradcam_on_a_bundle_model_and_its_layer(tmp_path: Path) -> None:
-    b = load_bundle(make_bundle(tmp_path / "b", members=2))
+    b = load_bundle(make_bundle(tmp_path / "b", members=2, model_name="resnet18"))
     layers = target_layers(b.model, 32)
     assert len(layers) == 2 and layers[0] is b.model.members[0].layer1  # stride 4: 8x8 cells at 32 px
     assert target_layers(b.model, 64, max_stride=8)[0] is b.model.members[0].layer2

@@ -19,6 +19,10 @@ from pqfn.trial import CrossValidation, cross_validate, fold_workers
 from pqfn.wandb_files import offline_runs
 
 TINY = dict(resolution=32, folds=2, epochs=2, data_size=40, batch_size=8, max_copies=10, device="cpu")
+# The trial's machinery (records, progress, checkpoints, resume) is the same for every timm model: these tests
+# train timm's own test model (0.37 M weights, a tenth of ResNet-18's step time on one thread); the pinned trial,
+# bf16 and the dense-model tests keep ResNet-18.
+MECHANICS = TINY | {"model": "test_resnet"}
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +32,7 @@ def pool(tiny_ds: Dataset) -> np.ndarray:
 
 def test_tiny_trial_records(tiny_ds: Dataset, pool: np.ndarray) -> None:
     seen = []
-    res = cross_validate(TrialConfig(**TINY), tiny_ds, pool, on_epoch=lambda rec, cv: seen.append(rec["epoch"]))
+    res = cross_validate(TrialConfig(**MECHANICS), tiny_ds, pool, on_epoch=lambda rec, cv: seen.append(rec["epoch"]))
     assert seen == [1.0, 2.0] and len(res.records) == 2
     rec = res.records[-1]
     for m in FOLD_METRICS:
@@ -45,7 +49,7 @@ def test_tiny_trial_records(tiny_ds: Dataset, pool: np.ndarray) -> None:
 
 @pytest.mark.slow
 def test_resume_from_checkpoint_matches_uninterrupted(tiny_ds: Dataset, pool: np.ndarray, tmp_path: Path) -> None:
-    cfg = TrialConfig(**TINY)
+    cfg = TrialConfig(**MECHANICS)
     straight = cross_validate(cfg, tiny_ds, pool).records
 
     cv = CrossValidation(cfg, tiny_ds, pool)
@@ -60,10 +64,10 @@ def test_resume_from_checkpoint_matches_uninterrupted(tiny_ds: Dataset, pool: np
 
 
 def test_resume_refuses_other_config(tiny_ds: Dataset, pool: np.ndarray) -> None:
-    cv = CrossValidation(TrialConfig(**TINY), tiny_ds, pool)
+    cv = CrossValidation(TrialConfig(**MECHANICS), tiny_ds, pool)
     state = cv.state_dict()
     with pytest.raises(TrialError, match="another configuration"):
-        cross_validate(TrialConfig(**(TINY | {"seed": 5})), tiny_ds, pool, resume=state)
+        cross_validate(TrialConfig(**(MECHANICS | {"seed": 5})), tiny_ds, pool, resume=state)
 
 
 @pytest.mark.slow
@@ -74,17 +78,17 @@ def test_bf16_and_channels_last_run_on_cpu(tiny_ds: Dataset, pool: np.ndarray) -
 
 @pytest.mark.slow
 def test_folds_in_parallel_threads_give_the_same_trial(tiny_ds: Dataset, pool: np.ndarray) -> None:
-    one = TrialConfig(**(TINY | {"threads": 1, "parallel_folds": 1}))
-    two = TrialConfig(**(TINY | {"threads": 1, "parallel_folds": 2}))
+    one = TrialConfig(**(MECHANICS | {"threads": 1, "parallel_folds": 1}))
+    two = TrialConfig(**(MECHANICS | {"threads": 1, "parallel_folds": 2}))
     cv = CrossValidation(two, tiny_ds, pool)
     assert cv.workers == 2
     a, b = cross_validate(one, tiny_ds, pool).records, cross_validate(two, tiny_ds, pool).records
     for ra, rb in zip(a, b, strict=True):
         assert {k: v for k, v in ra.items() if k != "time/epoch_s"} == {k: v for k, v in rb.items() if k != "time/epoch_s"}
     # auto: one fold per thread on CPU, never more than the folds
-    assert fold_workers(TrialConfig(**(TINY | {"threads": 2})), torch.device("cpu")) == 2
-    assert fold_workers(TrialConfig(**(TINY | {"threads": 8})), torch.device("cpu")) == 2
-    assert fold_workers(TrialConfig(**(TINY | {"threads": 2})), torch.device("cuda")) == 1
+    assert fold_workers(TrialConfig(**(MECHANICS | {"threads": 2})), torch.device("cpu")) == 2
+    assert fold_workers(TrialConfig(**(MECHANICS | {"threads": 8})), torch.device("cpu")) == 2
+    assert fold_workers(TrialConfig(**(MECHANICS | {"threads": 2})), torch.device("cuda")) == 1
 
 
 def test_bad_inputs(tiny_ds: Dataset, pool: np.ndarray) -> None:
@@ -202,7 +206,7 @@ def test_seeded_trial_is_pinned(tiny_ds: Dataset, pool: np.ndarray) -> None:
 def test_progress_inside_an_epoch_without_ray(tiny_ds: Dataset, pool: np.ndarray) -> None:
     """CrossValidation.progress: epoch and batch counters a caller can read while the trial trains (the Tune
     adapter writes them to progress.json from a thread); unmeasured epochs count too."""
-    cv = CrossValidation(TrialConfig(**(TINY | {"epochs": 3, "eval_every": 2})), tiny_ds, pool)
+    cv = CrossValidation(TrialConfig(**(MECHANICS | {"epochs": 3, "eval_every": 2})), tiny_ds, pool)
     steps = sum(-(-len(f.train) // 8) for f in cv.folds)  # batches of 8 (no fold here leaves a batch of one)
     p = cv.progress()
     assert (p.epoch, p.epochs, p.step, p.steps, p.seconds_per_epoch()) == (1, 3, 0, steps, None)
@@ -226,8 +230,8 @@ def test_progress_inside_an_epoch_without_ray(tiny_ds: Dataset, pool: np.ndarray
 
 @pytest.mark.slow  # trains 2 x 3 fold models: seconds
 def test_repeated_cross_validation_trains_every_repeat_and_averages_its_out_of_fold(tiny_ds: Dataset, pool: np.ndarray) -> None:
-    once = CrossValidation(TrialConfig(**(TINY | {"epochs": 1})), tiny_ds, pool)
-    cv = CrossValidation(TrialConfig(**(TINY | {"epochs": 1, "repeats": 2})), tiny_ds, pool)
+    once = CrossValidation(TrialConfig(**(MECHANICS | {"epochs": 1})), tiny_ds, pool)
+    cv = CrossValidation(TrialConfig(**(MECHANICS | {"epochs": 1, "repeats": 2})), tiny_ds, pool)
     assert len(cv.learners) == len(cv.folds) == 4
     # repeat 1 is the trial without repeats (same folds, same initial weights); repeat 2 draws other folds
     for a, b in zip(once.folds, cv.folds[:2], strict=True):
@@ -269,10 +273,10 @@ def test_dihedral_augmentation_applies_one_of_the_squares_eight_symmetries() -> 
 
 
 def test_a_checkpoint_from_before_a_key_existed_still_resumes(tiny_ds: Dataset, pool: np.ndarray) -> None:
-    cv = CrossValidation(TrialConfig(**TINY), tiny_ds, pool)
+    cv = CrossValidation(TrialConfig(**MECHANICS), tiny_ds, pool)
     state = cv.state_dict()
     del state["config"]["repeats"], state["config"]["augment"]["dihedral"]  # written before these keys existed
-    CrossValidation(TrialConfig(**TINY), tiny_ds, pool).load_state_dict(state)
+    CrossValidation(TrialConfig(**MECHANICS), tiny_ds, pool).load_state_dict(state)
     state["config"]["augment"]["dihedral"] = True  # but a checkpoint of another configuration is still refused
     with pytest.raises(TrialError, match="another configuration"):
-        CrossValidation(TrialConfig(**TINY), tiny_ds, pool).load_state_dict(state)
+        CrossValidation(TrialConfig(**MECHANICS), tiny_ds, pool).load_state_dict(state)

@@ -140,6 +140,7 @@ def test_fractional_gpus_pack_trials_on_one_gpu(tmp_path: Path, tiny_data_cfg: D
     assert len(failed) == 2 and all("FAILED: the trial was granted GPU 0" in ln for ln in failed), failed
 
 
+@pytest.mark.slow  # starts the module's real local Ray (5-7 s), which the fast tier leaves to the slow one
 def test_device_and_grant_that_disagree_are_refused_before_any_trial(tmp_path: Path, tiny_data_cfg: DataConfig,
                                                                      ray_gpus: None) -> None:
     for res, match in (("gpus_per_trial: 0", "trial.device=cuda but resources.gpus_per_trial is 0"),):
