@@ -18,7 +18,6 @@ run; the sweep's console shows it only with evaluate.audit_console (off by defau
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -31,7 +30,7 @@ from pqfn.config import CLASSES, Config, with_overrides
 from pqfn.data import Dataset
 from pqfn.ensemble import MODELS_FILE, adjust, choose_strength, load_members, load_oof, natural_priors
 from pqfn.errors import PqfnError
-from pqfn.io import atomic_write_text
+from pqfn.io import atomic_write_text, strict_json
 from pqfn.records import COMPLETED, Selection, TrialOutcome
 from pqfn.splits import HoldOut
 
@@ -41,13 +40,16 @@ LABEL = ("HINDSIGHT: every trial's fold ensemble scored on the held-out packages
 HELD_OUT = {"val/bal_acc": "bal_acc", "val/f1": "f1", "val/acc": "acc"}  # the selection metric's held-out twin
 
 
-def _spearman(a: list[float], b: list[float]) -> float:
-    if len(a) < 3 or len(set(a)) < 2 or len(set(b)) < 2:  # undefined for fewer than 3 or constant rankings
-        return math.nan
+def _spearman(a: list[float], b: list[float]) -> tuple[float | None, str]:
+    """(rho, "") or (None, why it is undefined): fewer than 3 ranked trials, or a ranking without two values."""
+    if len(a) < 3:
+        return None, f"undefined: {len(a)} trial(s) ranked, a rank correlation needs at least 3"
+    if len(set(a)) < 2 or len(set(b)) < 2:
+        return None, "undefined: every trial has the same cross-validated or held-out figure"
     from scipy.stats import spearmanr
 
     rho = spearmanr(a, b).statistic
-    return float(rho) if np.isfinite(rho) else math.nan
+    return (float(rho), "") if np.isfinite(rho) else (None, "undefined")
 
 
 def audit_sweep(cfg: Config, sdir: Path, rows: list[TrialOutcome], selection: Selection, ds: Dataset,
@@ -96,9 +98,10 @@ def audit_sweep(cfg: Config, sdir: Path, rows: list[TrialOutcome], selection: Se
     out: dict[str, Any] = {
         "label": LABEL, "metric": m, "held_out_metric": key, "n_test_images": int(len(holdout.test)),
         "n_test_packages": int(len(np.unique(groups))), "selected": selected, "trials": trials,
-        "spearman": _spearman([t[f"cv {m}"] for t in scored], [t["held_out"][key]["value"] for t in scored]),
         "n_ranked": len(scored),
     }
+    rho, why = _spearman([t[f"cv {m}"] for t in scored], [t["held_out"][key]["value"] for t in scored])
+    out |= {"spearman": rho} | ({"spearman_note": why} if why else {})
     if scored and selected in preds:
         best = max(scored, key=lambda t: t["held_out"][key]["value"])
         sel = next(t for t in scored if t["trial_id"] == selected)
@@ -113,6 +116,11 @@ def audit_sweep(cfg: Config, sdir: Path, rows: list[TrialOutcome], selection: Se
     return out
 
 
+def _num(v: float | None, fmt: str = ".3f") -> str:
+    """A bound as text; n/a where it is undefined (None in audit.json, NaN before writing: too few packages)."""
+    return "n/a" if v is None or not math.isfinite(v) else format(v, fmt)
+
+
 def lines(audit: dict[str, Any]) -> list[str]:
     """The audit as console lines."""
     key = audit["held_out_metric"]
@@ -125,18 +133,20 @@ def lines(audit: dict[str, Any]) -> list[str]:
         iv = t["held_out"][key]
         mark = " <- selected" if t["trial_id"] == audit["selected"] else ""
         out.append(f"  {t['trial_id']} ({params}): cv {audit['metric']} {t['cv ' + audit['metric']]:.3f}, held-out {key} "
-                   f"{iv['value']:.3f} [{iv['lo']:.3f}, {iv['hi']:.3f}]{mark}")
-    out.append(f"  Spearman (cv ranking vs held-out ranking, {audit['n_ranked']} trials): {audit['spearman']:.2f}")
+                   f"{iv['value']:.3f} [{_num(iv['lo'])}, {_num(iv['hi'])}]{mark}")
+    rho = audit["spearman"]
+    out.append(f"  Spearman (cv ranking vs held-out ranking, {audit['n_ranked']} trials): "
+               + (f"{rho:.2f}" if rho is not None else audit.get("spearman_note", "undefined")))
     if "regret" in audit:
         r = audit["regret_interval"]
         out.append(f"  regret (best held-out {audit['best_held_out']} minus selected): {audit['regret']:.3f} "
-                   f"(paired 95 % interval [{r['lo']:+.3f}, {r['hi']:+.3f}])")
+                   f"(paired 95 % interval [{_num(r['lo'], '+.3f')}, {_num(r['hi'], '+.3f')}])")
     return out
 
 
 def write_audit(sdir: Path, audit: dict[str, Any]) -> Path:
     path = sdir / AUDIT_FILE
-    atomic_write_text(path, json.dumps(audit, indent=2, default=float))
+    atomic_write_text(path, strict_json(audit, indent=2))  # an undefined figure (a tiny set's interval) is null
     return path
 
 

@@ -13,6 +13,7 @@ import contextlib
 import csv
 import io
 import json
+import math
 import os
 import shutil
 from collections.abc import Iterable, Iterator, Mapping
@@ -34,6 +35,23 @@ def plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {plain(k): plain(v) for k, v in value.items()}
     return value
+
+
+def strict_json(value: Any, **kw: Any) -> str:
+    """JSON text that every JSON reader accepts: a NaN or infinite number (an undefined figure) is written as
+    null, never as the NaN / Infinity that Python's json writes and strict readers (jq, JavaScript) refuse."""
+
+    def clean(v: Any) -> Any:
+        v = plain(v)
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, list | tuple):
+            return [clean(x) for x in v]
+        return v
+
+    return json.dumps(clean(value), allow_nan=False, **kw)
 
 
 def _first_line(e: BaseException) -> str:

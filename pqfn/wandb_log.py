@@ -275,7 +275,10 @@ def summary_run(cfg: Config, sdir: Path, rows: list[TrialOutcome], result: Sweep
     au = result.audit
     if au:  # hindsight, never used to select
         run.summary["audit/label"] = au["label"]
-        run.summary["audit/spearman"] = au["spearman"]
+        if au["spearman"] is not None:
+            run.summary["audit/spearman"] = au["spearman"]
+        else:  # fewer than 3 trials or a constant ranking: no rank correlation, and why
+            run.summary["audit/spearman_note"] = au.get("spearman_note", "undefined")
         if "regret" in au:
             run.summary["audit/regret"] = au["regret"]
             run.summary["audit/best_held_out"] = au["best_held_out"]
