@@ -44,6 +44,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "fp32 (bf16 off)": {"trial.bf16": False},
     "contiguous (channels_last off)": {"trial.channels_last": False},
     "one fold at a time": {"trial.parallel_folds": 1},
+    "native small-map convolutions (matmul off)": {"trial.small_maps": "native"},
 }
 
 # The study's chosen configuration and the README quickstart's trial, as trial-key overrides.

@@ -143,6 +143,11 @@ class TrialConfig(_Strict):
     # (CUDA with bf16 support; CPUs with AVX512-BF16 or AMX), channels_last always (`pqfn bench` measures both).
     bf16: bool | Literal["auto"] = "auto"
     channels_last: bool | Literal["auto"] = "auto"
+    # Convolutions whose output map has at most 16 pixels (ResNet-18's layer4 at 100-128 px) computed as one
+    # matrix product over unfolded patches (pqfn.model.SmallMapConv2d): the same convolution, the same weights,
+    # about twice as fast forward and backward on CPUs, where oneDNN's kernels for such maps are slow.
+    # auto: matmul on CPU, native on CUDA (cuDNN); native: always the framework's convolution.
+    small_maps: Literal["auto", "matmul", "native"] = "auto"
     eval_batch_size: int = Field(256, ge=1)
     # Measure train/val metrics every N epochs (and always after the last): measuring costs about a third
     # of a small trial (every image of every fold in eval mode). Records, reports and checkpoints follow it.

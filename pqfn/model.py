@@ -79,6 +79,45 @@ def build_model(name: str, pretrained: Path | None = None, num_classes: int = le
     return model
 
 
+class SmallMapConv2d(nn.Conv2d):
+    """nn.Conv2d that computes a small output map (at most MAX_PIXELS pixels) as one matrix product over its
+    unfolded input patches (im2col); larger maps, groups, non-zero padding modes keep nn.Conv2d's own path.
+
+    Why: on CPUs, oneDNN's convolution kernels are slow for the 4 x 4 maps of ResNet-18's layer4 at 100-128 px.
+    One 512 -> 512 3x3 convolution on a (16, 512, 4, 4) batch, forward and backward, 1 thread (README, "Speed"):
+    74 -> 38 ms in bf16 (AVX512-BF16), 91 -> 51 ms in fp32, 110 -> 49 ms under the AVX2 imitation; at 7 x 7 the
+    native kernel is as fast or faster, so the matmul is taken only up to 16 output pixels. The parameters, their
+    names and the arithmetic are nn.Conv2d's (same results to rounding), so a model trained with it is saved,
+    loaded, exported and explained like any other; pqfn.trial swaps it in on CPU (trial.small_maps)."""
+
+    MAX_PIXELS = 16
+
+    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.groups != 1 or self.padding_mode != "zeros" or isinstance(self.padding, str) or x.dim() != 4:
+            return super()._conv_forward(x, weight, bias)
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
+        oh = (x.shape[-2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        ow = (x.shape[-1] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        if oh * ow > self.MAX_PIXELS:
+            return super()._conv_forward(x, weight, bias)
+        cols = F.unfold(x, (kh, kw), (dh, dw), (ph, pw), (sh, sw))  # (B, C_in * kh * kw, oh * ow)
+        out = torch.matmul(cols.transpose(1, 2), weight.flatten(1).t())  # (B, oh * ow, C_out)
+        if bias is not None:
+            out = out + bias
+        return out.view(x.shape[0], oh, ow, -1).permute(0, 3, 1, 2)  # (B, C_out, oh, ow), channels-last strides
+
+
+def matmul_small_maps(model: nn.Module) -> int:
+    """Turn every plain nn.Conv2d of `model` into a SmallMapConv2d in place (the same module, parameters and
+    state-dict keys); returns how many. A model so changed computes what it did, to rounding."""
+    n = 0
+    for m in model.modules():
+        if type(m) is nn.Conv2d:
+            m.__class__ = SmallMapConv2d
+            n += 1
+    return n
+
+
 DENSE_MODEL = "resnet18_dense"
 
 

@@ -29,7 +29,7 @@ from pqfn.device import native_bf16
 from pqfn.ensemble import save_members
 from pqfn.errors import TrialError
 from pqfn.metrics import aggregate, aggregate_keys, class_metrics, versus_baseline, with_gaps
-from pqfn.model import DenseResNet18, build_model, check_mask_loss, check_model_name
+from pqfn.model import DenseResNet18, build_model, check_mask_loss, check_model_name, matmul_small_maps
 from pqfn.records import TrialProgress
 from pqfn.splits import Fold, build_pool, describe_pool, repeated_folds
 
@@ -49,6 +49,11 @@ def use_bf16(cfg: TrialConfig, device: torch.device) -> bool:
     if cfg.bf16 != "auto":
         return bool(cfg.bf16)
     return native_bf16(device)
+
+
+def use_small_map_matmul(cfg: TrialConfig, device: torch.device) -> bool:
+    """trial.small_maps resolved: auto = the matmul path (pqfn.model.SmallMapConv2d) on CPU only."""
+    return cfg.small_maps == "matmul" or (cfg.small_maps == "auto" and device.type == "cpu")
 
 
 def use_channels_last(cfg: TrialConfig, device: torch.device) -> bool:
@@ -144,6 +149,8 @@ class Learner:
             self.model = build_model(cfg.model, cfg.pretrained).to(device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        if use_small_map_matmul(cfg, device):
+            matmul_small_maps(self.model)
         self.opt = make_optimizer(cfg, self.model, device)
         self.sched = (
             torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=cfg.epochs)

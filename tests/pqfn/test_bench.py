@@ -36,7 +36,8 @@ def test_bench_runs_both_sides_on_the_same_trial(cfg: Config, tmp_path: Path) ->
         assert 0 <= side.val_acc <= 1 and 0 <= side.train_acc <= 1
     assert r.ratio == pytest.approx(r.naive.wall_s / r.engine.wall_s)
     assert any(f"ratio {r.ratio:.2f}x" in line for line in lines)
-    assert set(r.ablation) == {"fp32 (bf16 off)", "contiguous (channels_last off)", "one fold at a time"}
+    assert set(r.ablation) == {"fp32 (bf16 off)", "contiguous (channels_last off)", "one fold at a time",
+                               "native small-map convolutions (matmul off)"}
     assert all(v > 0 for v in r.ablation.values())
     saved = json.loads(out.read_text())
     assert saved["machine"]["torch"] == torch.__version__ and saved["results"][0]["ratio"] == r.ratio
