@@ -120,13 +120,18 @@ class Bundle:
 
 
 def data_fingerprint(ds: Dataset) -> str:
-    """sha256 of the decoded images, labels and package ids, in row order: the same decoded data -> the same
-    fingerprint, whichever folder or cache it came from. Pass the rows the model was trained on."""
+    """sha256 of the decoded images, labels and package ids, in row order, and of the decoded masks when the data
+    set holds them (a model whose dense head trained on the masks learned from them too: other masks, another
+    fingerprint): the same decoded data -> the same fingerprint, whichever folder or cache it came from. Pass the
+    rows the model was trained on. Without masks the fingerprint is what it was before masks counted."""
     h = hashlib.sha256(b"pqfn-data-v1")
     h.update(json.dumps(list(ds.images.shape)).encode())
     h.update(np.ascontiguousarray(ds.images).tobytes())
     h.update(np.ascontiguousarray(ds.labels, dtype=np.int64).tobytes())
     h.update("\n".join(str(p) for p in ds.package_ids).encode())
+    if ds.masks is not None:
+        h.update(b"masks")
+        h.update(np.ascontiguousarray(ds.masks, dtype=np.uint8).tobytes())
     return "sha256:" + h.hexdigest()
 
 

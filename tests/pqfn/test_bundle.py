@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -119,3 +120,19 @@ def test_fingerprint_follows_the_decoded_data(tiny_ds: Dataset) -> None:
     changed = Dataset(images, *(getattr(tiny_ds.subset(rows), f) for f in
                                 ("labels", "package_ids", "metallization", "cycles", "paths", "is_test", "files")))
     assert data_fingerprint(changed) != a
+
+
+
+def test_fingerprint_counts_the_masks_a_dense_head_trained_on(tiny_ds: Dataset) -> None:
+    rows = np.arange(10)
+    plain = tiny_ds.subset(rows)
+    assert plain.masks is None
+    masks = np.zeros(plain.images.shape, np.uint8)
+    with_masks = dataclasses.replace(plain, masks=masks)
+    a = data_fingerprint(with_masks)
+    assert a != data_fingerprint(plain) and a == data_fingerprint(dataclasses.replace(plain, masks=masks.copy()))
+    moved = masks.copy()
+    moved[3, 5, 5] = 2  # one bond-pad pixel more
+    assert data_fingerprint(dataclasses.replace(plain, masks=moved)) != a
+    assert data_fingerprint(with_masks.subset(np.arange(4))) == data_fingerprint(  # subsets carry their masks
+        dataclasses.replace(plain.subset(np.arange(4)), masks=masks[:4]))
