@@ -119,17 +119,19 @@ class Bundle:
         return softmax(self.adjust(logits) if (self.adjusts if adjust is None else adjust) else logits)
 
 
-def data_fingerprint(ds: Dataset) -> str:
-    """sha256 of the decoded images, labels and package ids, in row order, and of the decoded masks when the data
-    set holds them (a model whose dense head trained on the masks learned from them too: other masks, another
-    fingerprint): the same decoded data -> the same fingerprint, whichever folder or cache it came from. Pass the
-    rows the model was trained on. Without masks the fingerprint is what it was before masks counted."""
+def data_fingerprint(ds: Dataset, masks: bool = False) -> str:
+    """sha256 of the decoded images, labels and package ids, in row order: the same decoded data -> the same
+    fingerprint, whichever folder or cache it came from. Pass the rows the model was trained on. With `masks`
+    (the model's dense head trained on the true masks, trial.mask_loss > 0) the decoded masks count too: other
+    masks, another fingerprint; the data set must hold them (pqfn.data.with_masks)."""
     h = hashlib.sha256(b"pqfn-data-v1")
     h.update(json.dumps(list(ds.images.shape)).encode())
     h.update(np.ascontiguousarray(ds.images).tobytes())
     h.update(np.ascontiguousarray(ds.labels, dtype=np.int64).tobytes())
     h.update("\n".join(str(p) for p in ds.package_ids).encode())
-    if ds.masks is not None:
+    if masks:
+        if ds.masks is None:
+            raise ValueError("data_fingerprint(masks=True) needs a data set with its masks (pqfn.data.with_masks)")
         h.update(b"masks")
         h.update(np.ascontiguousarray(ds.masks, dtype=np.uint8).tobytes())
     return "sha256:" + h.hexdigest()

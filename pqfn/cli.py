@@ -108,8 +108,8 @@ def _load(a: argparse.Namespace) -> Any:
 
 
 def _data(cfg: Any, *, trains: bool = True) -> tuple[Any, Any]:
-    """The decoded data set and its held-out split; with the masks only when `trains` and the config's trials
-    use them (scoring saved models needs none)."""
+    """The decoded data set and its held-out split; with the masks when `trains` and the config's trials use them,
+    or when saved models trained on them are scored (their bundle's data fingerprint counts the masks)."""
     from pqfn.config import uses_masks
     from pqfn.data import load_dataset
     from pqfn.model import check_mask_loss
@@ -117,7 +117,7 @@ def _data(cfg: Any, *, trains: bool = True) -> tuple[Any, Any]:
 
     if trains:  # the model's error before any mask is looked for
         check_mask_loss(cfg.trial.model, cfg.trial.mask_loss)
-    ds = load_dataset(cfg.data, masks=trains and uses_masks(cfg))
+    ds = load_dataset(cfg.data, masks=uses_masks(cfg) if trains else cfg.trial.mask_loss > 0)
     return ds, split_test(ds, cfg.data.test_fraction, cfg.data.split_seed)
 
 

@@ -333,7 +333,8 @@ def evaluate_holdout(
     metrics["seconds"] = time.perf_counter() - t0
     write_evaluation(out_dir, metrics, ds, holdout.test, pred.probs, pred.raw_probs)
     write_bundle(out_dir / "bundle", cfg, model, priors=priors, prior_adjust=True, prior_strength=strength,
-                 fingerprint=data_fingerprint(ds.subset(holdout.pool)), metrics=_bundle_metrics(metrics),
+                 fingerprint=data_fingerprint(ds.subset(holdout.pool), masks=cfg.mask_loss > 0),
+                 metrics=_bundle_metrics(metrics),
                  decode_size=decode_size, overwrite=True)
     return metrics, pred  # the verdict is printed once, by the caller's summary
 

@@ -103,8 +103,8 @@ class SmallMapConv2d(nn.Conv2d):
         cols = F.unfold(x, (kh, kw), (dh, dw), (ph, pw), (sh, sw))  # (B, C_in * kh * kw, oh * ow)
         out = torch.matmul(cols.transpose(1, 2), weight.flatten(1).t())  # (B, oh * ow, C_out)
         if bias is not None:
-            out = out + bias
-        return out.view(x.shape[0], oh, ow, -1).permute(0, 3, 1, 2)  # (B, C_out, oh, ow), channels-last strides
+            out = out + bias.to(out.dtype)  # under autocast the product is bf16, as nn.Conv2d's output would be
+        return out.view(x.shape[0], oh, ow, self.out_channels).permute(0, 3, 1, 2)  # (B, C_out, oh, ow), channels-last strides
 
 
 def matmul_small_maps(model: nn.Module) -> int:

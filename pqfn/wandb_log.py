@@ -317,6 +317,8 @@ def write_dataset_file(cfg: Config, data: Dataset, pool: np.ndarray) -> Path | N
         "images": len(data), "packages": len(set(data.package_ids.tolist())),
         "pool_images": len(pool), "test_images": len(data) - len(pool),
     }
+    if data.masks is not None:  # the bundle of a model trained on the masks (trial.mask_loss > 0) records this one
+        info["pool_fingerprint_with_masks"] = data_fingerprint(data.subset(pool), masks=True)
     path = sweep_dir(cfg) / "wandb" / DATASET_FILE
     text = json.dumps(info, indent=2, sort_keys=True) + "\n"
     if not (path.exists() and path.read_text() == text):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -127,12 +128,22 @@ def test_fingerprint_counts_the_masks_a_dense_head_trained_on(tiny_ds: Dataset) 
     rows = np.arange(10)
     plain = tiny_ds.subset(rows)
     assert plain.masks is None
+    # without masks: the fingerprint of before masks counted (sha256 of shape, images, labels, package ids)
+    h = hashlib.sha256(b"pqfn-data-v1")
+    h.update(json.dumps(list(plain.images.shape)).encode())
+    h.update(np.ascontiguousarray(plain.images).tobytes())
+    h.update(np.ascontiguousarray(plain.labels, dtype=np.int64).tobytes())
+    h.update("\n".join(str(p) for p in plain.package_ids).encode())
+    assert data_fingerprint(plain) == "sha256:" + h.hexdigest()
     masks = np.zeros(plain.images.shape, np.uint8)
-    with_masks = dataclasses.replace(plain, masks=masks)
-    a = data_fingerprint(with_masks)
-    assert a != data_fingerprint(plain) and a == data_fingerprint(dataclasses.replace(plain, masks=masks.copy()))
+    held = dataclasses.replace(plain, masks=masks)
+    assert data_fingerprint(held) == data_fingerprint(plain)  # held but not trained on: not counted
+    a = data_fingerprint(held, masks=True)
+    assert a != data_fingerprint(plain) and a == data_fingerprint(dataclasses.replace(plain, masks=masks.copy()), masks=True)
     moved = masks.copy()
     moved[3, 5, 5] = 2  # one bond-pad pixel more
-    assert data_fingerprint(dataclasses.replace(plain, masks=moved)) != a
-    assert data_fingerprint(with_masks.subset(np.arange(4))) == data_fingerprint(  # subsets carry their masks
-        dataclasses.replace(plain.subset(np.arange(4)), masks=masks[:4]))
+    assert data_fingerprint(dataclasses.replace(plain, masks=moved), masks=True) != a
+    assert data_fingerprint(held.subset(np.arange(4)), masks=True) == data_fingerprint(  # subsets carry their masks
+        dataclasses.replace(plain.subset(np.arange(4)), masks=masks[:4]), masks=True)
+    with pytest.raises(ValueError, match="needs a data set with its masks"):
+        data_fingerprint(plain, masks=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -35,8 +37,18 @@ def test_the_matmul_path_computes_the_convolution_and_its_gradients(cin: int, co
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-    ya, yb = ref(xa), mine(xb)
-    assert ya.shape == yb.shape and yb.shape[-2] * yb.shape[-1] <= SmallMapConv2d.MAX_PIXELS  # the matmul path ran
+    ya = ref(xa)
+    unfolds = []
+    real_unfold = F.unfold
+
+    def counted(*a: Any, **k: Any) -> torch.Tensor:
+        unfolds.append(1)
+        return real_unfold(*a, **k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(F, "unfold", counted)
+        yb = mine(xb)
+    assert unfolds == [1] and ya.shape == yb.shape  # the matmul path ran, once
     torch.testing.assert_close(yb, ya, rtol=1e-10, atol=1e-10)
     g = torch.randn_like(ya)
     ya.backward(g)
@@ -47,6 +59,20 @@ def test_the_matmul_path_computes_the_convolution_and_its_gradients(cin: int, co
     if bias:
         assert mine.bias is not None and ref.bias is not None
         torch.testing.assert_close(mine.bias.grad, ref.bias.grad, rtol=1e-10, atol=1e-10)
+
+
+def test_under_autocast_and_for_an_empty_batch_it_answers_as_nn_conv2d() -> None:
+    torch.manual_seed(0)
+    ref = nn.Conv2d(8, 6, 1, bias=True)
+    mine = nn.Conv2d(8, 6, 1, bias=True)
+    mine.load_state_dict(ref.state_dict())
+    matmul_small_maps(mine)
+    x = torch.randn(2, 8, 4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = ref(x), mine(x)
+    assert a.dtype == b.dtype == torch.bfloat16
+    torch.testing.assert_close(b.float(), a.float(), rtol=2e-2, atol=2e-2)  # bf16 rounding
+    assert mine(torch.randn(0, 8, 4, 4)).shape == ref(torch.randn(0, 8, 4, 4)).shape == (0, 6, 4, 4)
 
 
 def test_larger_maps_and_grouped_convolutions_keep_the_native_path(monkeypatch: pytest.MonkeyPatch) -> None:

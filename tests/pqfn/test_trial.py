@@ -275,7 +275,7 @@ def test_dihedral_augmentation_applies_one_of_the_squares_eight_symmetries() -> 
 def test_a_checkpoint_from_before_a_key_existed_still_resumes(tiny_ds: Dataset, pool: np.ndarray) -> None:
     cv = CrossValidation(TrialConfig(**MECHANICS), tiny_ds, pool)
     state = cv.state_dict()
-    del state["config"]["repeats"], state["config"]["augment"]["dihedral"]  # written before these keys existed
+    del state["config"]["repeats"], state["config"]["augment"]["dihedral"], state["config"]["small_maps"]  # keys added later
     CrossValidation(TrialConfig(**MECHANICS), tiny_ds, pool).load_state_dict(state)
     state["config"]["augment"]["dihedral"] = True  # but a checkpoint of another configuration is still refused
     with pytest.raises(TrialError, match="another configuration"):

@@ -69,6 +69,11 @@ def test_shipped_config_runs_end_to_end(name: str, extra: list[str], tmp_path: P
         out = capfd.readouterr().out
         assert "[progress " in out and "[1/2] trial" in out
         assert out.index("[progress ") < out.index("[1/2] trial")
+    if name == "quickstart":  # its model trained on the masks: the bundle's fingerprint is the pool's with them
+        data_file = json.loads((run / "wandb" / "dataset.json").read_text())
+        bundle = json.loads((run / "final" / "bundle" / "bundle.json").read_text())
+        assert cfg.trial.mask_loss > 0 and bundle["data_fingerprint"] == data_file["pool_fingerprint_with_masks"]
+        assert data_file["pool_fingerprint_with_masks"] != data_file["pool_fingerprint"]
     if name == "quickstart":  # `pqfn audit RUN_DIR` recomputes the same figures from the folder
         capfd.readouterr()
         assert cli_main(["audit", str(run)]) == 0
